@@ -1,0 +1,416 @@
+# -*- test-case-name: tests.test_config -*-
+"""
+The configuration: one TOML file parsed into frozen, typed dataclasses.
+
+Every default lives here, once. Unknown keys and bad values are refused with the key's path and
+the file's name; all errors of a file are reported together (L{ConfigError.errors}).
+L{embedded_default} is the configuration used when no file is given.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+ListenerKind = Literal["smtp"]
+TLSMode = Literal["starttls", "implicit", "none"]
+
+LISTENER_KINDS: tuple[str, ...] = ("smtp",)
+TLS_MODES: tuple[str, ...] = ("starttls", "implicit", "none")
+
+
+class ConfigError(Exception):
+    """
+    A configuration could not be loaded.
+
+    @ivar errors: one message per problem, each naming the file and the key.
+    """
+
+    def __init__(self, errors: list[str]) -> None:
+        super().__init__("\n".join(errors))
+        self.errors = errors
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    hostname: str = field(default_factory=socket.getfqdn)
+    """Name used in the SMTP greeting, EHLO, Received: headers and the self-signed certificate."""
+    data_dir: Path = Path("/var/lib/mailserver")
+    """Mailboxes, directory database, TLS material, queue."""
+    domain: str = ""
+    """Primary mail domain: created with a postmaster account on first start when the directory
+    has no domain; also where postmaster@ mail of domains without a postmaster account goes."""
+    io_threads: int = 8
+    """Threads doing disk work (fsync, SQLite, hashing) so the reactor thread never waits."""
+    shutdown_grace: float = 30.0
+    """Seconds a graceful stop waits for messages being received to finish."""
+
+
+@dataclass(frozen=True, slots=True)
+class TLSConfig:
+    cert: Path | None = None
+    """PEM certificate chain. None: a self-signed certificate under data_dir/tls."""
+    key: Path | None = None
+    """PEM private key, with cert."""
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerConfig:
+    kind: ListenerKind
+    endpoint: str
+    tls: TLSMode = "starttls"
+    allow_plaintext_auth: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    message_size: int = 25 * 1024 * 1024
+    """Largest message accepted, in octets (SMTP SIZE, 552 5.3.4 beyond)."""
+    smtp_line_length: int = 4096
+    """Longest SMTP command line, CRLF included."""
+    recipients: int = 1000
+    """Recipients per message (452 4.5.3 beyond)."""
+    connections: int = 1000
+    """Concurrent connections over all listeners."""
+    connections_per_ip: int = 50
+    """Concurrent connections from one IPv4 address or IPv6 /64."""
+    smtp_idle_timeout: float = 300.0
+    """Seconds an SMTP client may stay silent (RFC 5321 §4.5.3.2 asks at least 5 minutes)."""
+    smtp_errors: int = 10
+    """Bad commands in one SMTP session before 421 and close."""
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    tls: TLSConfig = field(default_factory=TLSConfig)
+    listeners: tuple[ListenerConfig, ...] = ()
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    source: str = "<embedded default>"
+    """Where this configuration came from (a path), for messages."""
+
+
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "kib": 1024,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "mib": 1024**2,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "gib": 1024**3,
+}
+_DURATION_UNITS = {"": 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_QUANTITY = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_size(value: object) -> int:
+    """
+    Parse a size: an integer (octets) or a string such as C{"25MiB"}, C{"4 KiB"}, C{"10MB"}.
+
+    @raise ValueError: not a size.
+    """
+    if isinstance(value, bool):
+        raise ValueError("expected a size such as 25MiB")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError("a size cannot be negative")
+        return value
+    if isinstance(value, str):
+        m = _QUANTITY.match(value)
+        if m and m.group(2).lower() in _SIZE_UNITS:
+            return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).lower()])
+    raise ValueError("expected a size such as 25MiB, 4KiB or an integer number of octets")
+
+
+def parse_duration(value: object) -> float:
+    """
+    Parse a duration: a number (seconds) or a string such as C{"5m"}, C{"30s"}, C{"2h"}.
+
+    @raise ValueError: not a duration.
+    """
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 5m")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError("a duration cannot be negative")
+        return float(value)
+    if isinstance(value, str):
+        m = _QUANTITY.match(value)
+        if m and m.group(2).lower() in _DURATION_UNITS:
+            return float(m.group(1)) * _DURATION_UNITS[m.group(2).lower()]
+    raise ValueError("expected a duration such as 30s, 5m, 2h or a number of seconds")
+
+
+_T = TypeVar("_T")
+
+
+class _Reader:
+    """Collects errors while reading tables, so that a file reports all its problems at once."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.errors: list[str] = []
+
+    def error(self, key: str, message: str) -> None:
+        self.errors.append(f"{self.source}: {key}: {message}")
+
+    def table(self, data: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+        value = data.get(key, {})
+        if not isinstance(value, dict):
+            self.error(key, "expected a table")
+            return {}
+        return value
+
+    def section(
+        self,
+        cls: type[_T],
+        data: Mapping[str, Any],
+        path: str,
+        converters: Mapping[str, Callable[[Any], Any]],
+        base: _T | None = None,
+    ) -> _T | None:
+        """
+        Build dataclass C{cls} from C{data}: every key must be a field of C{cls}, and each value
+        passes its converter (which raises C{ValueError} or C{TypeError} with the reason).
+        """
+        known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+        values: dict[str, Any] = {}
+        ok = True
+        for key, raw in data.items():
+            if key not in known or key not in converters:
+                self.error(f"{path}.{key}", "unknown key")
+                ok = False
+                continue
+            try:
+                values[key] = converters[key](raw)
+            except (ValueError, TypeError) as e:
+                self.error(f"{path}.{key}", str(e))
+                ok = False
+        if not ok:
+            return None
+        try:
+            if base is not None:
+                return replace(base, **values)  # type: ignore[type-var]
+            return cls(**values)
+        except TypeError as e:
+            self.error(path, str(e))
+            return None
+
+
+def _string(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError("expected a string")
+    return value
+
+
+def _nonempty_string(value: Any) -> str:
+    s = _string(value)
+    if not s.strip():
+        raise ValueError("must not be empty")
+    return s
+
+
+def _boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError("expected true or false")
+    return value
+
+
+def _positive_int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError("expected a whole number of at least 1")
+    return value
+
+
+def _positive_size(value: Any) -> int:
+    n = parse_size(value)
+    if n < 1:
+        raise ValueError("must be at least 1 octet")
+    return n
+
+
+def _positive_duration(value: Any) -> float:
+    d = parse_duration(value)
+    if d <= 0:
+        raise ValueError("must be longer than zero")
+    return d
+
+
+def _choice(options: tuple[str, ...]) -> Callable[[Any], str]:
+    def convert(value: Any) -> str:
+        if value not in options:
+            raise ValueError("expected one of " + ", ".join(repr(o) for o in options))
+        return str(value)
+
+    return convert
+
+
+def _domain(value: Any) -> str:
+    s = _string(value).strip().lower().rstrip(".")
+    if s and not re.fullmatch(r"[a-z0-9]([a-z0-9.-]*[a-z0-9])?", s):
+        raise ValueError("not a domain name")
+    return s
+
+
+def parse(text: str, source: str = "<string>", base_dir: Path | None = None) -> Config:
+    """
+    Parse TOML text into a L{Config}.
+
+    @param source: the file's name, used in error messages.
+    @param base_dir: relative paths in the file are taken relative to it (default: the cwd).
+    @raise ConfigError: with every problem found.
+    """
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError([f"{source}: not valid TOML: {e}"])
+    root = base_dir if base_dir is not None else Path.cwd()
+
+    def path(value: Any) -> Path:
+        p = Path(_nonempty_string(value)).expanduser()
+        return p if p.is_absolute() else (root / p)
+
+    r = _Reader(source)
+    for key in data:
+        if key not in ("server", "tls", "listener", "limits"):
+            r.error(key, "unknown section")
+
+    server = r.section(
+        ServerConfig,
+        r.table(data, "server"),
+        "server",
+        {
+            "hostname": _nonempty_string,
+            "data_dir": path,
+            "domain": _domain,
+            "io_threads": _positive_int,
+            "shutdown_grace": parse_duration,
+        },
+    )
+    tls = r.section(TLSConfig, r.table(data, "tls"), "tls", {"cert": path, "key": path})
+    if tls is not None and (tls.cert is None) != (tls.key is None):
+        r.error("tls", "cert and key go together: give both or neither")
+    limits = r.section(
+        LimitsConfig,
+        r.table(data, "limits"),
+        "limits",
+        {
+            "message_size": _positive_size,
+            "smtp_line_length": _positive_size,
+            "recipients": _positive_int,
+            "connections": _positive_int,
+            "connections_per_ip": _positive_int,
+            "smtp_idle_timeout": _positive_duration,
+            "smtp_errors": _positive_int,
+        },
+    )
+    if limits is not None and limits.smtp_line_length < 512:
+        r.error("limits.smtp_line_length", "must be at least 512 (RFC 5321 §4.5.3.1.4)")
+
+    listeners: list[ListenerConfig] = []
+    raw_listeners = data.get("listener", [])
+    if not isinstance(raw_listeners, list):
+        r.error("listener", "expected [[listener]] tables")
+        raw_listeners = []
+    for i, item in enumerate(raw_listeners):
+        where = f"listener[{i}]"
+        if not isinstance(item, dict):
+            r.error(where, "expected a table")
+            continue
+        missing = [k for k in ("kind", "endpoint") if k not in item]
+        for k in missing:
+            r.error(f"{where}.{k}", "required")
+        if missing:
+            continue
+        listener = r.section(
+            ListenerConfig,
+            item,
+            where,
+            {
+                "kind": _choice(LISTENER_KINDS),
+                "endpoint": _nonempty_string,
+                "tls": _choice(TLS_MODES),
+                "allow_plaintext_auth": _boolean,
+            },
+        )
+        if listener is not None:
+            listeners.append(listener)
+    if not raw_listeners:
+        r.error("listener", "at least one [[listener]] is needed")
+
+    if r.errors or server is None or tls is None or limits is None:
+        raise ConfigError(r.errors)
+    return Config(
+        server=server,
+        tls=tls,
+        listeners=tuple(listeners),
+        limits=limits,
+        source=source,
+    )
+
+
+def load(path: str | os.PathLike[str]) -> Config:
+    """
+    Read and parse the configuration file at C{path}; relative paths inside it are taken relative
+    to the file's directory.
+
+    @raise ConfigError: the file cannot be read or is not valid.
+    """
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError([f"{p}: cannot read: {e}"])
+    return parse(text, source=str(p), base_dir=p.resolve().parent)
+
+
+def embedded_default(cwd: Path | None = None) -> Config:
+    """
+    The configuration used with no file: local domain C{localhost}, data under C{./var}, high
+    ports on loopback, a self-signed certificate made on first start.
+    """
+    root = cwd if cwd is not None else Path.cwd()
+    return Config(
+        server=ServerConfig(data_dir=root / "var", domain="localhost"),
+        listeners=(ListenerConfig(kind="smtp", endpoint="tcp:2525:interface=127.0.0.1"),),
+    )
+
+
+def render(config: Config) -> str:
+    """The effective configuration as TOML text (what C{mailserver config check} prints)."""
+
+    def value(v: object) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, int | float):
+            return repr(v)
+        if v is None:
+            return '""'
+        s = str(v).replace("\\", "\\\\").replace('"', '\\"')
+        return f'"{s}"'
+
+    out = [f"# effective configuration from {config.source}"]
+    for name in ("server", "tls", "limits"):
+        section = getattr(config, name)
+        out.append(f"\n[{name}]")
+        for f in fields(section):
+            v = getattr(section, f.name)
+            if v is None:
+                out.append(f"# {f.name} = (not set)")
+            else:
+                out.append(f"{f.name} = {value(v)}")
+    for listener in config.listeners:
+        out.append("\n[[listener]]")
+        for f in fields(listener):
+            out.append(f"{f.name} = {value(getattr(listener, f.name))}")
+    return "\n".join(out) + "\n"

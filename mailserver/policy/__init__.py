@@ -1,0 +1,1 @@
+"""Policy: decisions returned as verdicts; the protocol layers phrase the replies."""

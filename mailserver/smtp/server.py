@@ -1,0 +1,699 @@
+# -*- test-case-name: tests.test_smtp_server -*-
+"""
+The ESMTP server protocol (RFC 5321) with PIPELINING (RFC 2920), 8BITMIME (RFC 6152), SMTPUTF8
+(RFC 6531), SIZE (RFC 1870), ENHANCEDSTATUSCODES (RFC 2034), STARTTLS (RFC 3207) and CHUNKING
+(RFC 3030).
+
+Our own protocol on C{Protocol}, not twisted.mail's (DESIGN.md §1): input is framed here in
+chunks, replies to pipelined commands leave in one write, and a command whose reply must wait
+(the end of DATA, whose C{250} waits for durable storage) pauses the transport, so replies stay
+in order and TCP pushes back. The protocol never touches the disk: it talks to an
+L{IDeliveryAgent}.
+"""
+
+from __future__ import annotations
+
+import itertools
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorTime, ITLSTransport
+from twisted.internet.protocol import Factory, Protocol
+from twisted.python.failure import Failure
+from typing_extensions import override
+
+from mailserver import log
+from mailserver.interfaces import IDelivery, IDeliveryAgent
+from mailserver.limits import ConnectionLimiter
+from mailserver.policy.relay import RcptVerdict
+from mailserver.smtp import codes as c
+from mailserver.smtp.address import (
+    parse_path_argument,
+    require_ascii,
+    unknown_parameter,
+)
+from mailserver.smtp.codes import Reply, format_multiline, format_reply
+from mailserver.smtp.data import DataDecoder, LineEndingCheck
+from mailserver.smtp.received import protocol_name, received_header
+
+TLSMode = Literal["starttls", "implicit", "none"]
+
+_HTTP_VERBS = frozenset({"GET", "POST", "HEAD", "PUT", "CONNECT", "OPTIONS", "DELETE"})
+_COMMAND, _DATA, _BDAT, _CLOSED = range(4)
+_ID_PREFIX = secrets.token_hex(3)
+_ids = itertools.count(1)
+
+
+def new_id() -> str:
+    """A short id, unique in this process and unlikely to repeat across restarts."""
+    return f"{_ID_PREFIX}{next(_ids):06x}"
+
+
+@dataclass(frozen=True, slots=True)
+class SMTPSettings:
+    """What one SMTP listener needs to know; built from the config by the composition root."""
+
+    hostname: str
+    tls_mode: TLSMode = "starttls"
+    max_line: int = 4096
+    max_size: int = 25 * 1024 * 1024
+    max_recipients: int = 1000
+    idle_timeout: float = 300.0
+    max_errors: int = 10
+
+
+class SessionTracker:
+    """The open sessions of all SMTP listeners, for a graceful stop."""
+
+    def __init__(self) -> None:
+        self.sessions: set[SMTPServer] = set()
+
+    def drain(self, clock: IReactorTime, grace: float) -> Deferred[None]:
+        """
+        Stop every session: idle ones at once with C{421}, those receiving or committing a
+        message once it is done, or after C{grace} seconds at the latest.
+        """
+        waits = [s.shutdown() for s in list(self.sessions)]
+        busy = [d for d in waits if not d.called]
+        log.stopping(len(busy))
+        if not busy:
+            return succeed(None)
+        done: Deferred[None] = DeferredList(busy).addCallback(lambda _: None)
+        timer = clock.callLater(grace, done.cancel)
+
+        def finish(result: object) -> None:
+            if timer.active():
+                timer.cancel()
+            for s in list(self.sessions):
+                s.abort_now()
+
+        done.addBoth(finish)
+        return done
+
+
+class SMTPFactory(Factory):
+    """Builds one L{SMTPServer} per connection of a listener."""
+
+    def __init__(
+        self,
+        settings: SMTPSettings,
+        agent: IDeliveryAgent,
+        clock: IReactorTime,
+        limiter: ConnectionLimiter,
+        tracker: SessionTracker,
+        tls: object | None = None,
+    ) -> None:
+        """
+        @param tls: the server TLS context factory (an C{IOpenSSLServerConnectionCreator}) for
+            STARTTLS; for implicit TLS the listener wraps this factory and C{tls} is unused.
+        """
+        self.settings = settings
+        self.agent = agent
+        self.clock = clock
+        self.limiter = limiter
+        self.tracker = tracker
+        self.tls = tls
+
+    @override
+    def buildProtocol(self, addr: object) -> SMTPServer:
+        return SMTPServer(self)
+
+
+class SMTPServer(Protocol):
+    """One SMTP session."""
+
+    def __init__(self, factory: SMTPFactory) -> None:
+        self._f = factory
+        self._s = factory.settings
+        self._clock = factory.clock
+        self.session = new_id()
+        self.peer = "unknown"
+        self._counted = False
+        self._mode = _COMMAND
+        self._buf = b""
+        self._out: list[bytes] = []
+        self._busy = False  # a reply is pending on a Deferred: process no more input
+        self._skip_line = False  # discarding the rest of an over-long command line
+        self._errors = 0
+        self._messages = 0
+        self._tls = factory.settings.tls_mode == "implicit"
+        self._helo: str | None = None
+        self._esmtp = False
+        self._last_input = 0.0
+        self._timer: IDelayedCall | None = None
+        self._stopping = False
+        self._idle_waiter: Deferred[None] | None = None
+        self._reset_transaction()
+        self._commands: dict[str, Callable[[str], None]] = {
+            "EHLO": self._ehlo,
+            "HELO": self._helo_cmd,
+            "MAIL": self._mail,
+            "RCPT": self._rcpt,
+            "DATA": self._data,
+            "BDAT": self._bdat,
+            "RSET": self._rset,
+            "NOOP": self._noop,
+            "QUIT": self._quit,
+            "VRFY": self._vrfy,
+            "EXPN": self._expn,
+            "HELP": self._help,
+            "STARTTLS": self._starttls,
+            "AUTH": self._auth,
+        }
+
+    # -- connection ------------------------------------------------------------------------
+
+    @override
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.peer = str(getattr(self.transport.getPeer(), "host", "unknown"))
+        _set_nodelay(self.transport)
+        refused = self._f.limiter.acquire(self.peer)
+        if refused is not None:
+            log.connection_refused(self.peer, refused)
+            self.transport.write(format_reply(421, "4.7.0", "Too many connections, try later"))
+            self._mode = _CLOSED
+            self.transport.loseConnection()
+            return
+        self._counted = True
+        self._f.tracker.sessions.add(self)
+        log.smtp_connect(self.session, self.peer)
+        self._last_input = self._clock.seconds()
+        self._timer = self._clock.callLater(self._s.idle_timeout, self._check_idle)
+        self.transport.write(
+            format_reply(c.C220Ready, "", f"{self._s.hostname} ESMTP mailserver ready")
+        )
+
+    @override
+    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:  # noqa: B008
+        self._mode = _CLOSED
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        if self._counted:
+            self._counted = False
+            self._f.limiter.release(self.peer)
+            self._f.tracker.sessions.discard(self)
+            log.smtp_disconnect(self.session, self.peer, self._messages, "closed")
+        if self._delivery is not None and not self._busy:
+            self._delivery.abort()
+            self._delivery = None
+        self._wake_idle_waiter()
+
+    def _check_idle(self) -> None:
+        self._timer = None
+        if self._mode == _CLOSED:
+            return
+        elapsed = self._clock.seconds() - self._last_input
+        if self._busy or elapsed < self._s.idle_timeout:
+            self._timer = self._clock.callLater(
+                max(self._s.idle_timeout - elapsed, 1.0), self._check_idle
+            )
+            return
+        self._close_with(format_reply(421, "4.4.2", f"{self._s.hostname} Idle timeout, closing"))
+
+    def _close_with(self, reply: bytes) -> None:
+        assert self.transport is not None
+        self._out.append(reply)
+        self._flush()
+        self._mode = _CLOSED
+        self.transport.loseConnection()
+
+    # -- graceful stop ---------------------------------------------------------------------
+
+    def shutdown(self) -> Deferred[None]:
+        """
+        Close this session for a server stop: now, if no message is being received or
+        committed; else fire once that message is done (and then close).
+        """
+        self._stopping = True
+        if self._mode == _CLOSED:
+            return succeed(None)
+        if not self._busy and self._mode == _COMMAND and self._delivery is None:
+            self._close_with(format_reply(421, "4.3.2", "Server shutting down"))
+            return succeed(None)
+        self._idle_waiter = Deferred()
+        return self._idle_waiter
+
+    def abort_now(self) -> None:
+        """End the session at once (the graceful stop's grace time is over)."""
+        if self._mode != _CLOSED:
+            self._close_with(format_reply(421, "4.3.2", "Server shutting down"))
+
+    def _wake_idle_waiter(self) -> None:
+        if self._idle_waiter is not None:
+            d, self._idle_waiter = self._idle_waiter, None
+            d.callback(None)
+
+    def _after_transaction_if_stopping(self) -> None:
+        if self._stopping and self._mode == _COMMAND and not self._busy:
+            self._close_with(format_reply(421, "4.3.2", "Server shutting down"))
+            self._wake_idle_waiter()
+
+    # -- input -----------------------------------------------------------------------------
+
+    @override
+    def dataReceived(self, data: bytes) -> None:
+        if self._mode == _CLOSED:
+            return
+        self._last_input = self._clock.seconds()
+        self._buf = self._buf + data if self._buf else data
+        self._process()
+        self._flush()
+
+    def _flush(self) -> None:
+        if self._out and self.transport is not None:
+            out = self._out[0] if len(self._out) == 1 else b"".join(self._out)
+            self._out = []
+            self.transport.write(out)
+
+    def _process(self) -> None:
+        while self._buf and not self._busy:
+            mode = self._mode
+            if mode == _COMMAND:
+                if not self._next_command():
+                    return
+            elif mode == _DATA:
+                self._data_input()
+            elif mode == _BDAT:
+                self._bdat_input()
+            else:
+                self._buf = b""
+                return
+
+    def _next_command(self) -> bool:
+        """Handle one command line from the buffer; False when no complete line is there."""
+        buf = self._buf
+        end = buf.find(b"\r\n")
+        if self._skip_line:
+            if end < 0:
+                self._buf = b""
+                return False
+            self._skip_line = False
+            self._buf = buf[end + 2 :]
+            return True
+        if end < 0:
+            if len(buf) > self._s.max_line:
+                self._buf = b""
+                self._skip_line = True
+                self._error(c.C500SyntaxError, "5.5.2", "Line too long")
+            return False
+        line = buf[:end]
+        self._buf = buf[end + 2 :]
+        if end + 2 > self._s.max_line:
+            self._error(c.C500SyntaxError, "5.5.2", "Line too long")
+            return True
+        self._command(line)
+        return True
+
+    def _command(self, raw: bytes) -> None:
+        if b"\x00" in raw:
+            self._error(c.C500SyntaxError, "5.5.2", "NUL character in command")
+            return
+        if b"\n" in raw or b"\r" in raw:
+            self._error(c.C500SyntaxError, "5.5.2", "Bare CR or LF in command; use CRLF")
+            return
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            self._error(c.C500SyntaxError, "5.5.2", "Command is not valid UTF-8")
+            return
+        verb, _, arg = line.partition(" ")
+        verb = verb.upper()
+        handler = self._commands.get(verb)
+        if handler is None:
+            if verb in _HTTP_VERBS and self._helo is None:
+                # Another protocol speaking to us (RFC 5321 is not HTTP): end it at once.
+                self._close_with(format_reply(421, "4.5.0", "This is an SMTP server"))
+                return
+            self._error(c.C500SyntaxError, "5.5.2", "Command not recognized")
+            return
+        try:
+            handler(arg)
+        except Reply as r:
+            self._refuse(verb, r)
+        except Exception:
+            log.internal_error(self.session, self.peer, verb, Failure())
+            self._abort_transaction()
+            self._reply(c.C451LocalError, "4.3.0", f"Internal error, session {self.session}")
+
+    def _refuse(self, verb: str, r: Reply) -> None:
+        if r.code in (c.C500SyntaxError, c.C501ParamSyntax, c.C503BadSequence):
+            self._error(r.code, r.enhanced, r.text)
+        else:
+            log.smtp_rejected(self.session, self.peer, verb, r.code, r.text)
+            self._out.append(r.line())
+
+    def _reply(self, code: int, enhanced: str, text: str) -> None:
+        self._out.append(format_reply(code, enhanced, text))
+
+    def _error(self, code: int, enhanced: str, text: str) -> None:
+        """A bad command: reply, and count it toward the session's error budget."""
+        self._errors += 1
+        if self._errors > self._s.max_errors:
+            self._close_with(format_reply(421, "4.7.0", "Too many errors, closing"))
+            return
+        self._reply(code, enhanced, text)
+
+    # -- transaction state -----------------------------------------------------------------
+
+    def _reset_transaction(self) -> None:
+        self._delivery: IDelivery | None = None
+        self._msgid = ""
+        self._mail_from = ""
+        self._smtputf8 = False
+        self._rcpts: list[str] = []
+        self._decoder: DataDecoder | None = None
+        self._bdat_left = 0
+        self._bdat_last = False
+        self._bdat_started = False
+        self._bdat_failed: Reply | None = None
+        self._bdat_check = LineEndingCheck()
+
+    def _abort_transaction(self) -> None:
+        if self._delivery is not None:
+            self._delivery.abort()
+        self._reset_transaction()
+
+    def _require_no_args(self, arg: str, verb: str) -> None:
+        if arg.strip():
+            raise Reply(c.C501ParamSyntax, "5.5.4", f"{verb} takes no arguments")
+
+    # -- commands --------------------------------------------------------------------------
+
+    def _ehlo(self, arg: str) -> None:
+        domain = arg.strip()
+        if not domain:
+            raise Reply(c.C501ParamSyntax, "5.5.4", "EHLO requires a domain or address literal")
+        self._abort_transaction()
+        self._helo = domain
+        self._esmtp = True
+        ext = [
+            f"{self._s.hostname} greets {domain}",
+            "PIPELINING",
+            f"SIZE {self._s.max_size}",
+            "8BITMIME",
+            "SMTPUTF8",
+            "ENHANCEDSTATUSCODES",
+            "CHUNKING",
+        ]
+        if self._starttls_available():
+            ext.append("STARTTLS")
+        ext.append("HELP")
+        self._out.append(format_multiline(c.C250OK, ext))
+
+    def _helo_cmd(self, arg: str) -> None:
+        domain = arg.strip()
+        if not domain:
+            raise Reply(c.C501ParamSyntax, "5.5.4", "HELO requires a domain")
+        self._abort_transaction()
+        self._helo = domain
+        self._esmtp = False
+        self._reply(c.C250OK, "", self._s.hostname)
+
+    def _mail(self, arg: str) -> None:
+        if self._helo is None:
+            raise Reply(c.C503BadSequence, "5.5.1", "Send EHLO or HELO first")
+        if self._delivery is not None:
+            raise Reply(c.C503BadSequence, "5.5.1", "Sender already given (nested MAIL)")
+        path = parse_path_argument(arg, "FROM", sender=True)
+        smtputf8 = False
+        for name, value in path.params.items():
+            if not self._esmtp:
+                raise Reply(c.C555ParamsNotRecognized, "5.5.4", "No parameters after HELO")
+            if name == "SIZE":
+                if value is None or not value.isdigit() or len(value) > 20:
+                    raise Reply(c.C501ParamSyntax, "5.5.4", "SIZE takes a number")
+                if int(value) > self._s.max_size:
+                    raise Reply(c.C552ExceededStorage, "5.3.4", "Message size exceeds fixed limit")
+            elif name == "BODY":
+                if value is None or value.upper() not in ("7BIT", "8BITMIME"):
+                    raise Reply(c.C501ParamSyntax, "5.5.4", "BODY must be 7BIT or 8BITMIME")
+            elif name == "SMTPUTF8":
+                if value is not None:
+                    raise Reply(c.C501ParamSyntax, "5.5.4", "SMTPUTF8 takes no value")
+                smtputf8 = True
+            else:
+                raise unknown_parameter(name)
+        require_ascii(path.address, smtputf8)
+        self._msgid = new_id()
+        self._delivery = self._f.agent.begin(path.address, self._msgid)
+        self._mail_from = path.address
+        self._smtputf8 = smtputf8
+        self._reply(c.C250OK, "2.1.0", "Sender OK")
+
+    def _rcpt(self, arg: str) -> None:
+        if self._delivery is None:
+            raise Reply(c.C503BadSequence, "5.5.1", "Need MAIL before RCPT")
+        path = parse_path_argument(arg, "TO", sender=False)
+        for name in path.params:
+            raise unknown_parameter(name)
+        require_ascii(path.address, self._smtputf8)
+        if len(self._rcpts) >= self._s.max_recipients:
+            raise Reply(c.C452InsufficientStorage, "4.5.3", "Too many recipients")
+        verdict = self._delivery.add_rcpt(path.address)
+        if verdict is RcptVerdict.ACCEPT:
+            self._rcpts.append(path.address)
+            self._reply(c.C250OK, "2.1.5", "Recipient OK")
+        elif verdict is RcptVerdict.UNKNOWN_USER:
+            raise Reply(c.C550MailboxUnavailable, "5.1.1", "No such user here")
+        elif verdict is RcptVerdict.RELAY_DENIED:
+            raise Reply(c.C554TransactionFailed, "5.7.1", "Relay access denied")
+        else:
+            raise Reply(c.C452InsufficientStorage, "4.5.3", "Too many recipients")
+
+    def _data(self, arg: str) -> None:
+        self._require_no_args(arg, "DATA")
+        if self._delivery is None:
+            raise Reply(c.C503BadSequence, "5.5.1", "Need MAIL before DATA")
+        if self._bdat_started:
+            raise Reply(c.C503BadSequence, "5.5.1", "DATA cannot follow BDAT")
+        if not self._rcpts:
+            raise Reply(c.C554TransactionFailed, "5.5.1", "No valid recipients")
+        self._decoder = DataDecoder(self._s.max_size)
+        self._mode = _DATA
+        self._reply(c.C354StartInput, "", "End data with <CR><LF>.<CR><LF>")
+
+    def _data_input(self) -> None:
+        decoder = self._decoder
+        delivery = self._delivery
+        assert decoder is not None and delivery is not None
+        content, rest = decoder.feed(self._buf)
+        if content:
+            delivery.write(content)
+        if rest is None:
+            self._buf = b""
+            return
+        self._buf = rest
+        self._mode = _COMMAND
+        if decoder.too_big:
+            self._fail_message("DATA", Reply(c.C552ExceededStorage, "5.3.4", "Message too big"))
+        elif decoder.bare_line_ending:
+            self._fail_message(
+                "DATA",
+                Reply(c.C554TransactionFailed, "5.6.0", "Bare CR or LF in message; use CRLF"),
+            )
+        else:
+            self._commit()
+
+    def _bdat(self, arg: str) -> None:
+        words = arg.split()
+        if (
+            not 1 <= len(words) <= 2
+            or not words[0].isdigit()
+            or len(words[0]) > 18
+            or (len(words) == 2 and words[1].upper() != "LAST")
+        ):
+            # We cannot tell where the chunk ends, so what follows cannot be read as
+            # commands safely (it is message content): close.
+            self._close_with(format_reply(421, "5.5.4", "Syntax: BDAT size [LAST]; closing"))
+            return
+        size = int(words[0])
+        self._bdat_left = size
+        self._bdat_last = len(words) == 2
+        if self._delivery is None:
+            self._bdat_failed = Reply(c.C503BadSequence, "5.5.1", "Need MAIL before BDAT")
+        elif not self._rcpts:
+            self._bdat_failed = Reply(c.C554TransactionFailed, "5.5.1", "No valid recipients")
+        elif self._bdat_failed is None and self._delivery.size + size > self._s.max_size:
+            self._bdat_failed = Reply(c.C552ExceededStorage, "5.3.4", "Message too big")
+        self._bdat_started = True
+        self._mode = _BDAT
+        if size == 0:
+            self._bdat_chunk_done()
+
+    def _bdat_input(self) -> None:
+        n = min(self._bdat_left, len(self._buf))
+        chunk = self._buf[:n]
+        self._buf = self._buf[n:]
+        self._bdat_left -= n
+        if self._bdat_failed is None and self._delivery is not None:
+            self._bdat_check.feed(chunk)
+            self._delivery.write(chunk)
+        if self._bdat_left == 0:
+            self._bdat_chunk_done()
+
+    def _bdat_chunk_done(self) -> None:
+        self._mode = _COMMAND
+        failed = self._bdat_failed
+        if failed is not None:
+            if self._delivery is None:
+                # No transaction to end: only this chunk is refused.
+                self._bdat_failed = None
+                self._bdat_started = False
+                self._refuse("BDAT", failed)
+            elif self._bdat_last:
+                self._fail_message("BDAT", failed)
+            else:
+                self._refuse("BDAT", failed)
+            return
+        if not self._bdat_last:
+            assert self._delivery is not None
+            self._reply(c.C250OK, "2.0.0", f"{self._delivery.size} octets received")
+            return
+        if self._bdat_check.finish():
+            self._fail_message(
+                "BDAT", Reply(c.C554TransactionFailed, "5.6.0", "Bare CR or LF in message; use CRLF")
+            )
+            return
+        self._commit()
+
+    def _fail_message(self, verb: str, reply: Reply) -> None:
+        self._abort_transaction()
+        log.smtp_rejected(self.session, self.peer, verb, reply.code, reply.text)
+        self._out.append(reply.line())
+        self._after_transaction_if_stopping()
+
+    def _commit(self) -> None:
+        delivery = self._delivery
+        assert delivery is not None and self.transport is not None
+        trace = received_header(
+            helo=self._helo or "unknown",
+            peer_ip=self.peer,
+            hostname=self._s.hostname,
+            protocol=protocol_name(self._esmtp, self._tls, False, self._smtputf8),
+            message_id=self._msgid,
+            recipient=self._rcpts[0] if len(self._rcpts) == 1 else None,
+            now=self._clock.seconds(),
+        )
+        msgid, sender, rcpts = self._msgid, self._mail_from, self._rcpts
+        size = delivery.size
+        self._busy = True
+        _pause(self.transport, True)
+        try:
+            d = delivery.commit(trace)
+        except Exception:
+            d = Deferred()
+            d.errback()
+
+        def done(_: object) -> None:
+            self._messages += 1
+            log.message_accepted(self.session, self.peer, msgid, sender, rcpts, size)
+            self._reply(c.C250OK, "2.0.0", f"Message accepted as {msgid}")
+
+        def failed(f: Failure) -> None:
+            log.internal_error(self.session, self.peer, "delivery", f)
+            self._reply(
+                c.C451LocalError, "4.3.0", f"Local error storing the message, session {self.session}"
+            )
+
+        d.addCallbacks(done, failed)
+        d.addBoth(self._committed)
+
+    def _committed(self, _: object) -> None:
+        self._reset_transaction()
+        self._busy = False
+        if self._mode == _CLOSED or self.transport is None:
+            self._out = []
+            self._wake_idle_waiter()
+            return
+        _pause(self.transport, False)
+        self._after_transaction_if_stopping()
+        if self._mode != _CLOSED:
+            self._process()
+        self._flush()
+
+    def _rset(self, arg: str) -> None:
+        self._require_no_args(arg, "RSET")
+        self._abort_transaction()
+        self._reply(c.C250OK, "2.0.0", "Reset")
+
+    def _noop(self, arg: str) -> None:
+        self._reply(c.C250OK, "2.0.0", "OK")
+
+    def _quit(self, arg: str) -> None:
+        self._require_no_args(arg, "QUIT")
+        self._abort_transaction()
+        self._close_with(format_reply(c.C221Closing, "2.0.0", f"{self._s.hostname} Bye"))
+
+    def _vrfy(self, arg: str) -> None:
+        if not arg.strip():
+            raise Reply(c.C501ParamSyntax, "5.5.4", "VRFY needs an argument")
+        # RFC 5321 §3.5.3: 252 rather than reveal who exists here.
+        self._reply(c.C252CannotVerify, "2.5.0", "Cannot VRFY user; send mail and delivery will be tried")
+
+    def _expn(self, arg: str) -> None:
+        self._reply(c.C502NotImplemented, "5.5.1", "EXPN not available")
+
+    def _help(self, arg: str) -> None:
+        self._reply(
+            c.C214Help,
+            "2.0.0",
+            "Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP STARTTLS",
+        )
+
+    def _auth(self, arg: str) -> None:
+        raise Reply(c.C502NotImplemented, "5.5.1", "AUTH not available on this port")
+
+    def _starttls_available(self) -> bool:
+        return (
+            self._s.tls_mode == "starttls"
+            and not self._tls
+            and self._f.tls is not None
+            and ITLSTransport.providedBy(self.transport)
+        )
+
+    def _starttls(self, arg: str) -> None:
+        self._require_no_args(arg, "STARTTLS")
+        if self._tls:
+            raise Reply(c.C503BadSequence, "5.5.1", "TLS already active")
+        if not self._starttls_available():
+            raise Reply(c.C502NotImplemented, "5.5.1", "STARTTLS not available")
+        if self._buf:
+            # RFC 3207 §4.2 / CVE-2011-0411: nothing sent before the handshake may be taken as a
+            # command inside TLS.
+            self._buf = b""
+        self._reply(c.C220Ready, "2.0.0", "Ready to start TLS")
+        self._flush()
+        transport = self.transport
+        assert transport is not None
+        transport.startTLS(self._f.tls)  # type: ignore[attr-defined]
+        self._tls = True
+        self._abort_transaction()
+        self._helo = None
+        self._esmtp = False
+
+
+def _pause(transport: object, pause: bool) -> None:
+    """Stop (or start again) reading from the connection: TCP pushes back on the client."""
+    method = getattr(transport, "pauseProducing" if pause else "resumeProducing", None)
+    if method is not None:
+        method()
+
+
+def _set_nodelay(transport: object) -> None:
+    """Turn Nagle off on the TCP connection under C{transport} (through a TLS wrapper)."""
+    for t in (transport, getattr(transport, "transport", None)):
+        setter = getattr(t, "setTcpNoDelay", None)
+        if setter is not None:
+            try:
+                setter(True)
+            except OSError:
+                pass
+            return
+
+
+__all__ = ["SMTPFactory", "SMTPServer", "SMTPSettings", "SessionTracker", "new_id"]

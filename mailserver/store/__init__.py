@@ -1,0 +1,1 @@
+"""Mail storage: durable maildir delivery and its in-memory twin."""
