@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailserver import log
@@ -65,7 +66,7 @@ class LocalDelivery:
                 log.delivered(self._message_id, account, name, self._body.size)
             self._body.close()
 
-        def failed(f: object) -> object:
+        def failed(f: Failure) -> Failure:
             self._body.close()
             return f
 

@@ -20,9 +20,9 @@ from typing import Any
 from twisted.logger import (
     FilteringLogObserver,
     ILogObserver,
+    Logger,
     LogLevel,
     LogLevelFilterPredicate,
-    Logger,
     jsonFileLogObserver,
     textFileLogObserver,
 )
@@ -37,78 +37,137 @@ def _emit(level: LogLevel, event: str, fmt: str, **fields: Any) -> None:
 
 def listening(kind: str, endpoint: str, tls: str) -> None:
     """A listener is open."""
-    _emit(LogLevel.info, "listening", "{kind} listening on {endpoint} (tls={tls})",
-          kind=kind, endpoint=endpoint, tls=tls)
+    _emit(
+        LogLevel.info,
+        "listening",
+        "{kind} listening on {endpoint} (tls={tls})",
+        kind=kind,
+        endpoint=endpoint,
+        tls=tls,
+    )
 
 
 def smtp_connect(session: str, peer: str) -> None:
     """A client connected."""
-    _emit(LogLevel.debug, "smtp.connect", "[{peer}] session={session} connect",
-          session=session, peer=peer)
+    _emit(
+        LogLevel.debug,
+        "smtp.connect",
+        "[{peer}] session={session} connect",
+        session=session,
+        peer=peer,
+    )
 
 
 def connection_refused(peer: str, reason: str) -> None:
     """A connection over a limit was refused."""
-    _emit(LogLevel.warn, "connection.refused", "[{peer}] connection refused: {reason}",
-          peer=peer, reason=reason)
+    _emit(
+        LogLevel.warn,
+        "connection.refused",
+        "[{peer}] connection refused: {reason}",
+        peer=peer,
+        reason=reason,
+    )
 
 
 def smtp_disconnect(session: str, peer: str, messages: int, reason: str) -> None:
     """A session ended."""
-    _emit(LogLevel.debug, "smtp.disconnect",
-          "[{peer}] session={session} disconnect messages={messages} ({reason})",
-          session=session, peer=peer, messages=messages, reason=reason)
+    _emit(
+        LogLevel.debug,
+        "smtp.disconnect",
+        "[{peer}] session={session} disconnect messages={messages} ({reason})",
+        session=session,
+        peer=peer,
+        messages=messages,
+        reason=reason,
+    )
 
 
 def smtp_rejected(session: str, peer: str, command: str, code: int, text: str) -> None:
     """A command was refused with a 4xx/5xx that an admin may want to see."""
-    _emit(LogLevel.info, "smtp.rejected",
-          "[{peer}] session={session} {command} rejected: {code} {text}",
-          session=session, peer=peer, command=command, code=code, text=text)
+    _emit(
+        LogLevel.info,
+        "smtp.rejected",
+        "[{peer}] session={session} {command} rejected: {code} {text}",
+        session=session,
+        peer=peer,
+        command=command,
+        code=code,
+        text=text,
+    )
 
 
 def message_accepted(
     session: str, peer: str, msgid: str, sender: str, recipients: list[str], size: int
 ) -> None:
     """A message got its 250: it is durable in every recipient's mailbox."""
-    _emit(LogLevel.info, "message.accepted",
-          "[{peer}] session={session} msgid={msgid} from=<{sender}> "
-          "nrcpt={nrcpt} size={size} accepted",
-          session=session, peer=peer, msgid=msgid, sender=sender, recipients=recipients,
-          nrcpt=len(recipients), size=size)
+    _emit(
+        LogLevel.info,
+        "message.accepted",
+        "[{peer}] session={session} msgid={msgid} from=<{sender}> "
+        "nrcpt={nrcpt} size={size} accepted",
+        session=session,
+        peer=peer,
+        msgid=msgid,
+        sender=sender,
+        recipients=recipients,
+        nrcpt=len(recipients),
+        size=size,
+    )
 
 
 def delivered(msgid: str, account: str, filename: str, size: int) -> None:
     """One copy of a message is stored in an account's maildir."""
-    _emit(LogLevel.info, "message.delivered",
-          "msgid={msgid} to=<{account}> file={filename} size={size} status=delivered",
-          msgid=msgid, account=account, filename=filename, size=size)
+    _emit(
+        LogLevel.info,
+        "message.delivered",
+        "msgid={msgid} to=<{account}> file={filename} size={size} status=delivered",
+        msgid=msgid,
+        account=account,
+        filename=filename,
+        size=size,
+    )
 
 
 def internal_error(session: str, peer: str, what: str, failure: Failure) -> None:
     """Something failed that should not have; the client got a generic 451 / -ERR / NO."""
-    _log.failure("[{peer}] session={session} internal error during {what}", failure,
-                 event="internal.error", session=session, peer=peer, what=what)
+    _log.failure(
+        "[{peer}] session={session} internal error during {what}",
+        failure,
+        event="internal.error",
+        session=session,
+        peer=peer,
+        what=what,
+    )
 
 
 def initial_password(address: str, password: str, path: str) -> None:
     """The generated password of the first account: printed once, on first start."""
-    _emit(LogLevel.warn, "account.initial",
-          "created account {address} with password {password} (also in {path}; "
-          "change it with: mailserver user passwd {address})",
-          address=address, password=password, path=path)
+    _emit(
+        LogLevel.warn,
+        "account.initial",
+        "created account {address} with password {password} (also in {path}; "
+        "change it with: mailserver user passwd {address})",
+        address=address,
+        password=password,
+        path=path,
+    )
 
 
 def stopping(active: int) -> None:
     """A graceful stop began."""
-    _emit(LogLevel.info, "stopping", "stopping: waiting for {active} message(s) in progress",
-          active=active)
+    _emit(
+        LogLevel.info,
+        "stopping",
+        "stopping: waiting for {active} message(s) in progress",
+        active=active,
+    )
 
 
 def tls_reload_failed(failure: Failure) -> None:
     """SIGHUP asked for new certificates, but they could not be loaded; the old ones stay."""
-    _log.failure("TLS reload failed, keeping the old certificate", failure,
-                 event="tls.reload_failed")
+    _log.failure(
+        "TLS reload failed, keeping the old certificate", failure, event="tls.reload_failed"
+    )
 
 
 def observer() -> ILogObserver:

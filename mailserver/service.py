@@ -11,11 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from twisted.application.service import MultiService, Service
-from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IListeningPort
-from twisted.internet.protocol import Factory
 from twisted.internet.defer import Deferred, maybeDeferred
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IListeningPort, IReactorTime
+from twisted.internet.protocol import Factory
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
@@ -175,6 +174,7 @@ def build(config: Config, reactor: Any) -> MailService:
             settings, agent, reactor, limiter, tracker, tls if listener.tls == "starttls" else None
         )
         if listener.tls == "implicit":
+            assert tls is not None
             factory = TLSMemoryBIOFactory(tls, False, factory)
         ListenerService(listener, factory, reactor).setServiceParent(root)
     return root

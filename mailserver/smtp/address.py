@@ -30,7 +30,8 @@ MAX_PATH = 256  # RFC 5321 §4.5.3.1.3
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-\u0080-\U0010ffff]"
 _DOT_STRING = re.compile(rf"{_ATEXT}+(?:\.{_ATEXT}+)*")
 _QUOTED_STRING = re.compile(r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e\u0080-\U0010ffff]|\\[\x20-\x7e])*"')
-_LABEL = r"(?:[A-Za-z0-9\u0080-\U0010ffff](?:[A-Za-z0-9\-\u0080-\U0010ffff]*[A-Za-z0-9\u0080-\U0010ffff])?)"
+_LDH = r"A-Za-z0-9\u0080-\U0010ffff"
+_LABEL = rf"(?:[{_LDH}](?:[{_LDH}\-]*[{_LDH}])?)"
 _DOMAIN = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
 _ADDRESS_LITERAL = re.compile(r"\[(?:[0-9.]+|IPv6:[0-9A-Fa-f:.]+)\]")
 _PARAM = re.compile(r"([A-Za-z0-9][A-Za-z0-9-]*)(?:=([\x21-\x3c\x3e-\x7e\u0080-\U0010ffff]+))?")
@@ -68,7 +69,11 @@ def parse_path_argument(arg: str, keyword: str, sender: bool) -> Path:
     enhanced = SeAddrBadSenderSyntax if sender else SeAddrBadDestSyntax
     head, colon, rest = arg.partition(":")
     if not colon or head.strip().upper() != keyword:
-        raise Reply(C501ParamSyntax, SeProtoSyntax, f"Syntax: {'MAIL FROM' if sender else 'RCPT TO'}:<address>")
+        raise Reply(
+            C501ParamSyntax,
+            SeProtoSyntax,
+            f"Syntax: {'MAIL FROM' if sender else 'RCPT TO'}:<address>",
+        )
     rest = rest.lstrip(" ")
     if not rest.startswith("<"):
         raise Reply(C501ParamSyntax, enhanced, "Address must be enclosed in <>")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import email.utils
 import re
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 _UNSAFE = re.compile(r"[^\x21-\x7e]")
 
@@ -14,7 +14,11 @@ def protocol_name(esmtp: bool, tls: bool, authenticated: bool, smtputf8: bool) -
     """C{SMTP}, C{ESMTP}, C{ESMTPS}, C{ESMTPSA}, C{UTF8SMTPS}... (RFC 3848, RFC 6531 §3.7.3)."""
     if not esmtp:
         return "SMTP"
-    name = ("UTF8SMTP" if smtputf8 else "ESMTP") + ("S" if tls else "") + ("A" if authenticated else "")
+    name = (
+        ("UTF8SMTP" if smtputf8 else "ESMTP")
+        + ("S" if tls else "")
+        + ("A" if authenticated else "")
+    )
     return name
 
 
@@ -37,7 +41,7 @@ def received_header(
     @param now: POSIX time of acceptance.
     """
     helo = _UNSAFE.sub("?", helo)[:100] or "unknown"
-    date = email.utils.format_datetime(datetime.fromtimestamp(now, timezone.utc).astimezone())
+    date = email.utils.format_datetime(datetime.fromtimestamp(now, UTC).astimezone())
     lines = [
         f"Received: from {helo} ([{peer_ip}])",
         f"\tby {hostname} (mailserver) with {protocol} id {message_id}",

@@ -146,6 +146,7 @@ class SMTPServer(Protocol):
         self._timer: IDelayedCall | None = None
         self._stopping = False
         self._idle_waiter: Deferred[None] | None = None
+        self._delivery: IDelivery | None = None
         self._reset_transaction()
         self._commands: dict[str, Callable[[str], None]] = {
             "EHLO": self._ehlo,
@@ -361,7 +362,7 @@ class SMTPServer(Protocol):
     # -- transaction state -----------------------------------------------------------------
 
     def _reset_transaction(self) -> None:
-        self._delivery: IDelivery | None = None
+        self._delivery = None
         self._msgid = ""
         self._mail_from = ""
         self._smtputf8 = False
@@ -556,7 +557,8 @@ class SMTPServer(Protocol):
             return
         if self._bdat_check.finish():
             self._fail_message(
-                "BDAT", Reply(c.C554TransactionFailed, "5.6.0", "Bare CR or LF in message; use CRLF")
+                "BDAT",
+                Reply(c.C554TransactionFailed, "5.6.0", "Bare CR or LF in message; use CRLF"),
             )
             return
         self._commit()
@@ -597,7 +599,9 @@ class SMTPServer(Protocol):
         def failed(f: Failure) -> None:
             log.internal_error(self.session, self.peer, "delivery", f)
             self._reply(
-                c.C451LocalError, "4.3.0", f"Local error storing the message, session {self.session}"
+                c.C451LocalError,
+                "4.3.0",
+                f"Local error storing the message, session {self.session}",
             )
 
         d.addCallbacks(done, failed)
@@ -633,7 +637,9 @@ class SMTPServer(Protocol):
         if not arg.strip():
             raise Reply(c.C501ParamSyntax, "5.5.4", "VRFY needs an argument")
         # RFC 5321 §3.5.3: 252 rather than reveal who exists here.
-        self._reply(c.C252CannotVerify, "2.5.0", "Cannot VRFY user; send mail and delivery will be tried")
+        self._reply(
+            c.C252CannotVerify, "2.5.0", "Cannot VRFY user; send mail and delivery will be tried"
+        )
 
     def _expn(self, arg: str) -> None:
         self._reply(c.C502NotImplemented, "5.5.1", "EXPN not available")

@@ -39,7 +39,7 @@ def make_dirs_durably(path: Path, mode: int = 0o700) -> None:
         fsync_dir(d.parent)
 
 
-def write_new_file(path: Path, write: Callable[[BinaryIO], None], mode: int = 0o600) -> int:
+def write_new_file(path: Path, write: Callable[[BinaryIO], object], mode: int = 0o600) -> int:
     """
     Create C{path} exclusively (never overwrite), fill it with C{write}, fsync it.
 

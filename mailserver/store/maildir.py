@@ -67,8 +67,7 @@ class _NameGenerator:
         sec = int(now)
         usec = int((now - sec) * 1_000_000)
         return (
-            f"{sec}.M{usec}P{self._pid}Q{next(self._counter)}"
-            f"R{secrets.token_hex(4)}.{self._host}"
+            f"{sec}.M{usec}P{self._pid}Q{next(self._counter)}R{secrets.token_hex(4)}.{self._host}"
         )
 
 
@@ -89,7 +88,9 @@ class MaildirStore:
         self._ready: set[Path] = set()
         self._ready_lock = threading.Lock()
 
-    def deliver(self, targets: Sequence[tuple[str, bytes]], body: MessageBody) -> Deferred[list[str]]:
+    def deliver(
+        self, targets: Sequence[tuple[str, bytes]], body: MessageBody
+    ) -> Deferred[list[str]]:
         try:
             paths = [(mailbox_path(self.root, account), prefix) for account, prefix in targets]
         except UnsafeMailboxName as e:

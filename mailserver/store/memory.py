@@ -26,7 +26,9 @@ class MemoryStore:
         self.fail_with: Exception | None = None
         self._counter = itertools.count(1)
 
-    def deliver(self, targets: Sequence[tuple[str, bytes]], body: MessageBody) -> Deferred[list[str]]:
+    def deliver(
+        self, targets: Sequence[tuple[str, bytes]], body: MessageBody
+    ) -> Deferred[list[str]]:
         if self.fail_with is not None:
             return fail(self.fail_with)
         content = body.read()

@@ -17,7 +17,8 @@ MESSAGE = (
     b"Hello Alice.\r\n"
     b".A line that starts with a dot\r\n"
     b"..two dots\r\n"
-    b".\r\n"[:0] + b"last line\r\n"
+    b".\r\n"[:0]
+    + b"last line\r\n"
 )
 
 
@@ -85,6 +86,8 @@ class PlainSMTPTests(TestCase):
 
         replies = await in_thread(talk)
         codes = [r[:3] for r in replies[2:]]
-        self.assertEqual(codes, [b"250", b"250", b"354", b"250", b"250", b"250", b"354", b"250", b"221"])
+        self.assertEqual(
+            codes, [b"250", b"250", b"354", b"250", b"250", b"250", b"354", b"250", b"221"]
+        )
         self.assertEqual(server.bodies(f"alice@{DOMAIN}"), [b"Subject: one\r\n\r\nfirst\r\n"])
         self.assertEqual(server.bodies(f"bob@{DOMAIN}"), [b"Subject: two\r\n\r\nsecond\r\n"])
