@@ -37,7 +37,11 @@ class Options(usage.Options):
 
 
 class _SignalHandlers(Service):
-    """SIGHUP reloads the TLS certificates, on the reactor thread."""
+    """
+    SIGHUP reloads the TLS certificates. SIGTERM stops the reactor as a normal stop (graceful,
+    exit status 0, what systemd expects of C{systemctl stop}) rather than as twistd's default,
+    which re-raises the signal at exit. Installed once the reactor runs, over its handlers.
+    """
 
     def __init__(self, root: service.MailService, reactor: Any) -> None:
         self._root = root
@@ -46,11 +50,18 @@ class _SignalHandlers(Service):
     @override
     def startService(self) -> None:
         super().startService()
-        if hasattr(signal, "SIGHUP"):
-            signal.signal(
-                signal.SIGHUP,
-                lambda signum, frame: self._reactor.callFromThread(self._root.reload_tls),
-            )
+        # After the reactor's own handlers, which it installs as it starts running.
+        self._reactor.callWhenRunning(self._install)
+
+    def _install(self) -> None:
+        signal.signal(
+            signal.SIGHUP,
+            lambda signum, frame: self._reactor.callFromThread(self._root.reload_tls),
+        )
+        signal.signal(
+            signal.SIGTERM,
+            lambda signum, frame: self._reactor.callFromThread(self._reactor.stop),
+        )
 
 
 def makeService(options: Options) -> IService:

@@ -74,14 +74,15 @@ class SessionTracker:
     def drain(self, clock: IReactorTime, grace: float) -> Deferred[None]:
         """
         Stop every session: idle ones at once with C{421}, those receiving or committing a
-        message once it is done, or after C{grace} seconds at the latest.
+        message once it is done, or after C{grace} seconds at the latest. Fires when every
+        session's connection is closed (so the replies have left).
         """
-        waits = [s.shutdown() for s in list(self.sessions)]
-        busy = [d for d in waits if not d.called]
-        log.stopping(len(busy))
-        if not busy:
+        sessions = list(self.sessions)
+        log.stopping(sum(1 for s in sessions if s.in_transaction))
+        waits = [s.shutdown() for s in sessions]
+        if all(d.called for d in waits):
             return succeed(None)
-        done: Deferred[None] = DeferredList(busy).addCallback(lambda _: None)
+        done: Deferred[None] = DeferredList(waits, consumeErrors=True).addCallback(lambda _: None)
         timer = clock.callLater(grace, done.cancel)
 
         def finish(result: object) -> None:
@@ -225,18 +226,22 @@ class SMTPServer(Protocol):
 
     # -- graceful stop ---------------------------------------------------------------------
 
+    @property
+    def in_transaction(self) -> bool:
+        """Whether a message is being received or committed."""
+        return self._busy or self._delivery is not None
+
     def shutdown(self) -> Deferred[None]:
         """
-        Close this session for a server stop: now, if no message is being received or
-        committed; else fire once that message is done (and then close).
+        Close this session for a server stop: at once if no message is being received or
+        committed, else once that message is done. Fires when the connection has closed.
         """
         self._stopping = True
         if self._mode == _CLOSED:
             return succeed(None)
-        if not self._busy and self._mode == _COMMAND and self._delivery is None:
-            self._close_with(format_reply(421, "4.3.2", "Server shutting down"))
-            return succeed(None)
         self._idle_waiter = Deferred()
+        if self._mode == _COMMAND and not self.in_transaction:
+            self._close_with(format_reply(421, "4.3.2", "Server shutting down"))
         return self._idle_waiter
 
     def abort_now(self) -> None:
@@ -252,7 +257,6 @@ class SMTPServer(Protocol):
     def _after_transaction_if_stopping(self) -> None:
         if self._stopping and self._mode == _COMMAND and not self._busy:
             self._close_with(format_reply(421, "4.3.2", "Server shutting down"))
-            self._wake_idle_waiter()
 
     # -- input -----------------------------------------------------------------------------
 
