@@ -1,0 +1,171 @@
+"""Tests for L{mailserver.config}."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from mailserver import config as c
+
+MINIMAL = """
+[server]
+hostname = "mx.example.org"
+data_dir = "data"
+
+[[listener]]
+kind = "smtp"
+endpoint = "tcp:25"
+"""
+
+EXAMPLE = Path(__file__).parent.parent / "etc" / "mailserver.toml"
+
+
+class ParseTests(SynchronousTestCase):
+    def test_minimal_file_gets_every_default(self) -> None:
+        """A file with only the required parts gets the documented defaults."""
+        cfg = c.parse(MINIMAL, source="m.toml", base_dir=Path("/srv/mail"))
+        self.assertEqual(cfg.server.hostname, "mx.example.org")
+        self.assertEqual(cfg.server.data_dir, Path("/srv/mail/data"))
+        self.assertEqual(cfg.limits, c.LimitsConfig())
+        self.assertEqual(cfg.limits.message_size, 25 * 1024 * 1024)
+        self.assertEqual(cfg.listeners, (c.ListenerConfig(kind="smtp", endpoint="tcp:25"),))
+        self.assertEqual(cfg.listeners[0].tls, "starttls")
+
+    def test_sizes_and_durations_with_units(self) -> None:
+        """Sizes and durations accept units and plain numbers."""
+        cfg = c.parse(
+            MINIMAL
+            + '[limits]\nmessage_size = "10MiB"\nsmtp_line_length = 1000\n'
+            + 'smtp_idle_timeout = "2m"\n'
+        )
+        self.assertEqual(cfg.limits.message_size, 10 * 1024 * 1024)
+        self.assertEqual(cfg.limits.smtp_line_length, 1000)
+        self.assertEqual(cfg.limits.smtp_idle_timeout, 120.0)
+        self.assertEqual(c.parse_size("4 KiB"), 4096)
+        self.assertEqual(c.parse_size("1MB"), 1_000_000)
+        self.assertEqual(c.parse_duration("300ms"), 0.3)
+        self.assertEqual(c.parse_duration(5), 5.0)
+
+    def test_unknown_key_names_the_key_and_file(self) -> None:
+        """An unknown key is an error naming the file and the key's path."""
+        with self.assertRaises(c.ConfigError) as e:
+            c.parse(MINIMAL + "[limits]\nmesage_size = 5\n", source="/etc/m.toml")
+        self.assertEqual(e.exception.errors, ["/etc/m.toml: limits.mesage_size: unknown key"])
+
+    def test_all_errors_reported_together(self) -> None:
+        """Several problems in one file are all reported, each with its path."""
+        text = """
+[server]
+hostname = ""
+io_threads = 0
+[bogus]
+[[listener]]
+kind = "gopher"
+endpoint = "tcp:70"
+tls = "maybe"
+[limits]
+message_size = "lots"
+smtp_line_length = 100
+"""
+        with self.assertRaises(c.ConfigError) as e:
+            c.parse(text, source="f.toml")
+        keys = sorted(err.split(": ")[1] for err in e.exception.errors)
+        self.assertEqual(
+            keys,
+            [
+                "bogus",
+                "limits.message_size",
+                "listener[0].kind",
+                "listener[0].tls",
+                "server.hostname",
+                "server.io_threads",
+            ],
+        )
+
+    def test_line_length_below_rfc_minimum_refused(self) -> None:
+        """smtp_line_length under RFC 5321's 512 octets is refused."""
+        with self.assertRaises(c.ConfigError) as e:
+            c.parse(MINIMAL + "[limits]\nsmtp_line_length = 100\n")
+        self.assertIn("limits.smtp_line_length", e.exception.errors[0])
+
+    def test_listener_needs_kind_and_endpoint(self) -> None:
+        """A listener without kind or endpoint is refused, naming the missing key."""
+        with self.assertRaises(c.ConfigError) as e:
+            c.parse('[server]\nhostname = "h"\n[[listener]]\ntls = "none"\n')
+        self.assertEqual(
+            sorted(e.exception.errors),
+            ["<string>: listener[0].endpoint: required", "<string>: listener[0].kind: required"],
+        )
+
+    def test_no_listener_refused(self) -> None:
+        """A configuration that listens nowhere is refused."""
+        with self.assertRaises(c.ConfigError):
+            c.parse('[server]\nhostname = "h"\n')
+
+    def test_tls_cert_without_key_refused(self) -> None:
+        """cert and key go together."""
+        with self.assertRaises(c.ConfigError) as e:
+            c.parse(MINIMAL + '[tls]\ncert = "/etc/c.pem"\n')
+        self.assertIn("tls", e.exception.errors[0])
+
+    def test_wrong_types_refused(self) -> None:
+        """A string where a number belongs, or a bool for a size, is refused."""
+        for bad in ('recipients = "many"', "message_size = true", "connections = -1"):
+            with self.assertRaises(c.ConfigError, msg=bad):
+                c.parse(MINIMAL + f"[limits]\n{bad}\n")
+
+    def test_invalid_toml_names_file(self) -> None:
+        """A TOML syntax error names the file."""
+        with self.assertRaises(c.ConfigError) as e:
+            c.parse("[server\n", source="x.toml")
+        self.assertTrue(e.exception.errors[0].startswith("x.toml: not valid TOML"))
+
+    def test_load_missing_file(self) -> None:
+        """A file that cannot be read is a ConfigError naming it."""
+        with self.assertRaises(c.ConfigError) as e:
+            c.load("/nonexistent/mailserver.toml")
+        self.assertIn("/nonexistent/mailserver.toml", e.exception.errors[0])
+
+    def test_load_relative_paths_from_file_directory(self) -> None:
+        """Relative paths in a file are taken relative to the file's directory."""
+        d = Path(self.mktemp()).absolute()
+        d.mkdir(parents=True)
+        (d / "m.toml").write_text(MINIMAL)
+        self.assertEqual(c.load(d / "m.toml").server.data_dir, d / "data")
+
+
+class EmbeddedDefaultTests(SynchronousTestCase):
+    def test_embedded_default(self) -> None:
+        """No file: domain localhost, data under ./var, SMTP on a high port on loopback."""
+        cfg = c.embedded_default(Path("/home/u/work"))
+        self.assertEqual(cfg.server.domain, "localhost")
+        self.assertEqual(cfg.server.data_dir, Path("/home/u/work/var"))
+        self.assertEqual(
+            [(lst.kind, lst.endpoint, lst.tls) for lst in cfg.listeners],
+            [("smtp", "tcp:2525:interface=127.0.0.1", "starttls")],
+        )
+
+    def test_render_round_trips(self) -> None:
+        """What `config check` prints parses back to the same configuration."""
+        cfg = c.parse(MINIMAL + "[limits]\nrecipients = 7\n", base_dir=Path("/srv"))
+        again = c.parse(c.render(cfg), base_dir=Path("/elsewhere"))
+        self.assertEqual(dataclasses.replace(again, source=cfg.source), cfg)
+
+
+class ExampleFileTests(SynchronousTestCase):
+    def test_example_config_is_valid_and_shows_the_defaults(self) -> None:
+        """etc/mailserver.toml parses, and the values it shows are the real defaults."""
+        cfg = c.load(EXAMPLE)
+        self.assertEqual(cfg.limits, c.LimitsConfig())
+        defaults = c.ServerConfig()
+        self.assertEqual(cfg.server.io_threads, defaults.io_threads)
+        self.assertEqual(cfg.server.shutdown_grace, defaults.shutdown_grace)
+
+    def test_example_config_documents_every_option(self) -> None:
+        """Every key of every section appears in etc/mailserver.toml."""
+        text = EXAMPLE.read_text()
+        for cls in (c.ServerConfig, c.TLSConfig, c.ListenerConfig, c.LimitsConfig):
+            for f in dataclasses.fields(cls):
+                self.assertIn(f"{f.name} ", text, f"{cls.__name__}.{f.name} not documented")
