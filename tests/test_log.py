@@ -1,0 +1,54 @@
+"""Tests for L{mailserver.log}: events carry fixed names and fields, and no secret."""
+
+from __future__ import annotations
+
+import io
+import json
+
+from twisted.logger import LogLevel, capturedLogs
+from twisted.trial.unittest import SynchronousTestCase
+
+from mailserver import log
+
+
+class EventTests(SynchronousTestCase):
+    def test_message_accepted_fields(self) -> None:
+        """message.accepted carries session, peer, msgid, sender, recipients and size."""
+        with capturedLogs() as events:
+            log.message_accepted("s1", "192.0.2.1", "m1", "a@b.example", ["x@y", "z@y"], 42)
+        [e] = events
+        self.assertEqual(e["event"], "message.accepted")
+        self.assertEqual(
+            (e["session"], e["peer"], e["msgid"], e["sender"], e["recipients"], e["size"]),
+            ("s1", "192.0.2.1", "m1", "a@b.example", ["x@y", "z@y"], 42),
+        )
+        self.assertEqual(e["log_level"], LogLevel.info)
+
+    def test_observer_writes_json_lines_off_a_terminal(self) -> None:
+        """Off a terminal the observer writes one JSON object per line, info and above."""
+        out = io.StringIO()
+        self.patch(log.sys, "stdout", out)
+        self.patch(log.os, "environ", {})
+        observer = log.observer()
+        with capturedLogs() as events:
+            log.delivered("m1", "alice@example.org", "f1", 10)
+            log.smtp_connect("s1", "192.0.2.1")  # debug: filtered out
+        for e in events:
+            observer(e)
+        lines = out.getvalue().strip("\n").split("\n")
+        self.assertEqual(len(lines), 1)
+        record = json.loads(lines[0].lstrip("\x1e"))
+        self.assertEqual(record["event"], "message.delivered")
+        self.assertEqual(record["account"], "alice@example.org")
+
+    def test_observer_text_when_forced(self) -> None:
+        """MAILSERVER_LOG_FORMAT=text gives readable lines with the peer first."""
+        out = io.StringIO()
+        self.patch(log.sys, "stdout", out)
+        self.patch(log.os, "environ", {"MAILSERVER_LOG_FORMAT": "text"})
+        observer = log.observer()
+        with capturedLogs() as events:
+            log.smtp_rejected("s1", "192.0.2.9", "RCPT", 550, "No such user here")
+        for e in events:
+            observer(e)
+        self.assertIn("[192.0.2.9] session=s1 RCPT rejected: 550 No such user here", out.getvalue())
