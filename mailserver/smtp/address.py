@@ -19,6 +19,7 @@ from mailserver.smtp.codes import (
     SeAddrBadDestSyntax,
     SeAddrBadSenderSyntax,
     SeMsgNonASCII,
+    SeProtoParams,
     SeProtoSyntax,
 )
 
@@ -36,6 +37,14 @@ _DOMAIN = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
 _ADDRESS_LITERAL = re.compile(r"\[(?:[0-9.]+|IPv6:[0-9A-Fa-f:.]+)\]")
 _PARAM = re.compile(r"([A-Za-z0-9][A-Za-z0-9-]*)(?:=([\x21-\x3c\x3e-\x7e\u0080-\U0010ffff]+))?")
 _SOURCE_ROUTE = re.compile(r"^@[^:]+:")
+
+# codes.py holds only subject.detail; a reply needs the class digit too (RFC 3463 §2), and
+# everything refused here is permanent.
+_BAD_SENDER = "5." + SeAddrBadSenderSyntax  # 5.1.7
+_BAD_DEST = "5." + SeAddrBadDestSyntax  # 5.1.3
+_SYNTAX = "5." + SeProtoSyntax  # 5.5.2
+_BAD_PARAM = "5." + SeProtoParams  # 5.5.4
+_NON_ASCII = "5." + SeMsgNonASCII  # 5.6.7
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,12 +75,12 @@ def parse_path_argument(arg: str, keyword: str, sender: bool) -> Path:
 
     @raise Reply: C{501} for bad syntax, C{553} for an address we cannot take.
     """
-    enhanced = SeAddrBadSenderSyntax if sender else SeAddrBadDestSyntax
+    enhanced = _BAD_SENDER if sender else _BAD_DEST
     head, colon, rest = arg.partition(":")
     if not colon or head.strip().upper() != keyword:
         raise Reply(
             C501ParamSyntax,
-            SeProtoSyntax,
+            _SYNTAX,
             f"Syntax: {'MAIL FROM' if sender else 'RCPT TO'}:<address>",
         )
     rest = rest.lstrip(" ")
@@ -110,7 +119,7 @@ def _closing_bracket(text: str) -> int:
     return -1
 
 
-def parse_mailbox(text: str, enhanced: str = SeAddrBadDestSyntax) -> str:
+def parse_mailbox(text: str, enhanced: str = _BAD_DEST) -> str:
     """
     Check C{local@domain} syntax and return it with the domain in lower case.
 
@@ -142,10 +151,10 @@ def parse_params(text: str) -> dict[str, str | None]:
             continue
         m = _PARAM.fullmatch(word)
         if m is None:
-            raise Reply(C501ParamSyntax, SeProtoSyntax, "Bad parameter syntax")
+            raise Reply(C501ParamSyntax, _SYNTAX, "Bad parameter syntax")
         name = m.group(1).upper()
         if name in params:
-            raise Reply(C501ParamSyntax, SeProtoSyntax, f"Duplicate parameter {name}")
+            raise Reply(C501ParamSyntax, _SYNTAX, f"Duplicate parameter {name}")
         params[name] = m.group(2)
     return params
 
@@ -157,9 +166,9 @@ def require_ascii(address: str, smtputf8: bool) -> None:
     @raise Reply: C{553 5.6.7} (RFC 6531 §3.7.5).
     """
     if not smtputf8 and not address.isascii():
-        raise Reply(C553MailboxNameNotAllowed, SeMsgNonASCII, "Non-ASCII address requires SMTPUTF8")
+        raise Reply(C553MailboxNameNotAllowed, _NON_ASCII, "Non-ASCII address requires SMTPUTF8")
 
 
 def unknown_parameter(name: str) -> Reply:
     """The reply for a parameter we do not implement (RFC 5321 §4.1.1.11: 555)."""
-    return Reply(C555ParamsNotRecognized, SeProtoSyntax, f"Parameter {name} not supported")
+    return Reply(C555ParamsNotRecognized, _BAD_PARAM, f"Parameter {name} not supported")

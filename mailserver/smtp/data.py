@@ -57,9 +57,11 @@ class DataDecoder:
         else:
             self._buf = buf[cut + 2 :]
             content = self._content(buf[: cut + 2])
-        if len(self._buf) > self._limit - self.size:
+        if len(self._buf) > max(self._limit - self.size, 4):
             # A "line" longer than the whole size limit: count it and keep only its tail, which
-            # is all that the terminator search needs.
+            # is all that the terminator search needs. A short rest (4 octets or fewer) is kept
+            # whole: it may be the start of the terminating line (C{.} or C{.CR}), which the
+            # mid-line marker would hide.
             self.size += len(self._buf)
             self.too_big = True
             self._buf = _MID_LINE + self._buf[-4:]

@@ -137,6 +137,7 @@ class SMTPServer(Protocol):
         self._buf = b""
         self._out: list[bytes] = []
         self._busy = False  # a reply is pending on a Deferred: process no more input
+        self._processing = False
         self._skip_line = False  # discarding the rest of an over-long command line
         self._errors = 0
         self._messages = 0
@@ -255,7 +256,7 @@ class SMTPServer(Protocol):
             d.callback(None)
 
     def _after_transaction_if_stopping(self) -> None:
-        if self._stopping and self._mode == _COMMAND and not self._busy:
+        if self._stopping and self._mode == _COMMAND and not self.in_transaction:
             self._close_with(format_reply(421, "4.3.2", "Server shutting down"))
 
     # -- input -----------------------------------------------------------------------------
@@ -276,6 +277,15 @@ class SMTPServer(Protocol):
             self.transport.write(out)
 
     def _process(self) -> None:
+        if self._processing:
+            return
+        self._processing = True
+        try:
+            self._process_loop()
+        finally:
+            self._processing = False
+
+    def _process_loop(self) -> None:
         while self._buf and not self._busy:
             mode = self._mode
             if mode == _COMMAND:
@@ -295,14 +305,14 @@ class SMTPServer(Protocol):
         end = buf.find(b"\r\n")
         if self._skip_line:
             if end < 0:
-                self._buf = b""
+                self._buf = b"\r" if buf.endswith(b"\r") else b""
                 return False
             self._skip_line = False
             self._buf = buf[end + 2 :]
             return True
         if end < 0:
             if len(buf) > self._s.max_line:
-                self._buf = b""
+                self._buf = b"\r" if buf.endswith(b"\r") else b""
                 self._skip_line = True
                 self._error(c.C500SyntaxError, "5.5.2", "Line too long")
             return False
@@ -342,7 +352,8 @@ class SMTPServer(Protocol):
             self._refuse(verb, r)
         except Exception:
             log.internal_error(self.session, self.peer, verb, Failure())
-            self._abort_transaction()
+            if verb != "RCPT":
+                self._abort_transaction()
             self._reply(c.C451LocalError, "4.3.0", f"Internal error, session {self.session}")
 
     def _refuse(self, verb: str, r: Reply) -> None:
@@ -514,7 +525,7 @@ class SMTPServer(Protocol):
         ):
             # We cannot tell where the chunk ends, so what follows cannot be read as
             # commands safely (it is message content): close.
-            self._close_with(format_reply(421, "5.5.4", "Syntax: BDAT size [LAST]; closing"))
+            self._close_with(format_reply(421, "4.5.4", "Syntax: BDAT size [LAST]; closing"))
             return
         size = int(words[0])
         self._bdat_left = size
@@ -619,7 +630,10 @@ class SMTPServer(Protocol):
             self._wake_idle_waiter()
             return
         _pause(self.transport, False)
+        self._last_input = self._clock.seconds()
         self._after_transaction_if_stopping()
+        if self._processing:
+            return
         if self._mode != _CLOSED:
             self._process()
         self._flush()
@@ -628,6 +642,7 @@ class SMTPServer(Protocol):
         self._require_no_args(arg, "RSET")
         self._abort_transaction()
         self._reply(c.C250OK, "2.0.0", "Reset")
+        self._after_transaction_if_stopping()
 
     def _noop(self, arg: str) -> None:
         self._reply(c.C250OK, "2.0.0", "OK")
