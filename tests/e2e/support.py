@@ -160,11 +160,13 @@ class RawClient:
         return line
 
     def closed(self) -> bool:
-        """Whether the server has closed the connection (after what is buffered)."""
+        """Whether the server closes the connection (after what is buffered) within the timeout."""
         try:
             return self.sock.recv(1) == b""
+        except TimeoutError:
+            return False  # still open
         except OSError:
-            return True
+            return True  # reset
 
     def close(self) -> None:
         self.sock.close()
