@@ -30,6 +30,10 @@ from twisted.python.failure import Failure
 
 _log = Logger(namespace="mailserver")
 
+# Per-connection events cost as much as the rest of a small message's handling put together,
+# so they are only built when asked for: MAILSERVER_DEBUG=1.
+_debug = os.environ.get("MAILSERVER_DEBUG", "") not in ("", "0")
+
 
 def _emit(level: LogLevel, event: str, fmt: str, **fields: Any) -> None:
     _log.emit(level, fmt, event=event, **fields)
@@ -48,7 +52,9 @@ def listening(kind: str, endpoint: str, tls: str) -> None:
 
 
 def smtp_connect(session: str, peer: str) -> None:
-    """A client connected."""
+    """A client connected (only with MAILSERVER_DEBUG=1)."""
+    if not _debug:
+        return
     _emit(
         LogLevel.debug,
         "smtp.connect",
@@ -70,7 +76,9 @@ def connection_refused(peer: str, reason: str) -> None:
 
 
 def smtp_disconnect(session: str, peer: str, messages: int, reason: str) -> None:
-    """A session ended."""
+    """A session ended (only with MAILSERVER_DEBUG=1)."""
+    if not _debug:
+        return
     _emit(
         LogLevel.debug,
         "smtp.disconnect",

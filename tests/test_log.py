@@ -25,18 +25,18 @@ class EventTests(SynchronousTestCase):
         self.assertEqual(e["log_level"], LogLevel.info)
 
     def test_observer_writes_json_lines_off_a_terminal(self) -> None:
-        """Off a terminal the observer writes one JSON object per line, info and above."""
+        """Off a terminal the observer writes one JSON object per line."""
         out = io.StringIO()
         self.patch(log.sys, "stdout", out)
         self.patch(log.os, "environ", {})
         observer = log.observer()
         with capturedLogs() as events:
             log.delivered("m1", "alice@example.org", "f1", 10)
-            log.smtp_connect("s1", "192.0.2.1")  # debug: filtered out
+            log.smtp_rejected("s1", "192.0.2.1", "RCPT", 550, "No such user here")
         for e in events:
             observer(e)
         lines = out.getvalue().strip("\n").split("\n")
-        self.assertEqual(len(lines), 1)
+        self.assertEqual(len(lines), 2)
         record = json.loads(lines[0].lstrip("\x1e"))
         self.assertEqual(record["event"], "message.delivered")
         self.assertEqual(record["account"], "alice@example.org")

@@ -38,6 +38,7 @@ from mailserver.smtp.address import (
 from mailserver.smtp.codes import Reply, format_multiline, format_reply
 from mailserver.smtp.data import DataDecoder, LineEndingCheck
 from mailserver.smtp.received import protocol_name, received_header
+from mailserver.transport import pause, set_nodelay, write_now
 
 TLSMode = Literal["starttls", "implicit", "none"]
 
@@ -173,11 +174,11 @@ class SMTPServer(Protocol):
     def connectionMade(self) -> None:
         assert self.transport is not None
         self.peer = str(getattr(self.transport.getPeer(), "host", "unknown"))
-        _set_nodelay(self.transport)
+        set_nodelay(self.transport)
         refused = self._f.limiter.acquire(self.peer)
         if refused is not None:
             log.connection_refused(self.peer, refused)
-            self.transport.write(format_reply(421, "4.7.0", "Too many connections, try later"))
+            write_now(self.transport, format_reply(421, "4.7.0", "Too many connections, try later"))
             self._mode = _CLOSED
             self.transport.loseConnection()
             return
@@ -186,8 +187,9 @@ class SMTPServer(Protocol):
         log.smtp_connect(self.session, self.peer)
         self._last_input = self._clock.seconds()
         self._timer = self._clock.callLater(self._s.idle_timeout, self._check_idle)
-        self.transport.write(
-            format_reply(c.C220Ready, "", f"{self._s.hostname} ESMTP mailserver ready")
+        write_now(
+            self.transport,
+            format_reply(c.C220Ready, "", f"{self._s.hostname} ESMTP mailserver ready"),
         )
 
     @override
@@ -274,7 +276,7 @@ class SMTPServer(Protocol):
         if self._out and self.transport is not None:
             out = self._out[0] if len(self._out) == 1 else b"".join(self._out)
             self._out = []
-            self.transport.write(out)
+            write_now(self.transport, out)
 
     def _process(self) -> None:
         if self._processing:
@@ -599,7 +601,7 @@ class SMTPServer(Protocol):
         msgid, sender, rcpts = self._msgid, self._mail_from, self._rcpts
         size = delivery.size
         self._busy = True
-        _pause(self.transport, True)
+        pause(self.transport, True)
         try:
             d = delivery.commit(trace)
         except Exception:
@@ -629,7 +631,7 @@ class SMTPServer(Protocol):
             self._out = []
             self._wake_idle_waiter()
             return
-        _pause(self.transport, False)
+        pause(self.transport, False)
         self._last_input = self._clock.seconds()
         self._after_transaction_if_stopping()
         if self._processing:
@@ -700,25 +702,6 @@ class SMTPServer(Protocol):
         self._abort_transaction()
         self._helo = None
         self._esmtp = False
-
-
-def _pause(transport: object, pause: bool) -> None:
-    """Stop (or start again) reading from the connection: TCP pushes back on the client."""
-    method = getattr(transport, "pauseProducing" if pause else "resumeProducing", None)
-    if method is not None:
-        method()
-
-
-def _set_nodelay(transport: object) -> None:
-    """Turn Nagle off on the TCP connection under C{transport} (through a TLS wrapper)."""
-    for t in (transport, getattr(transport, "transport", None)):
-        setter = getattr(t, "setTcpNoDelay", None)
-        if setter is not None:
-            try:
-                setter(True)
-            except OSError:
-                pass
-            return
 
 
 __all__ = ["SMTPFactory", "SMTPServer", "SMTPSettings", "SessionTracker", "new_id"]
