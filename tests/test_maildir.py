@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -71,15 +73,7 @@ class MessageBodyTests(SynchronousTestCase):
 
 
 class DurabilityOrderTests(SynchronousTestCase):
-    def test_fsync_file_then_rename_then_fsync_dir(self) -> None:
-        """
-        A delivery fsyncs the file, renames it into new/, then fsyncs new/: in that order,
-        and all before it returns (so before the 250).
-        """
-        root = Path(self.mktemp())
-        store = MaildirStore(root, reactor, ThreadPool())
-        target = root / "example.org" / "alice"
-        store._ensure_maildir(target)
+    def _record_calls(self) -> list[tuple[str, Any]]:
         calls: list[tuple[str, Any]] = []
         real_fsync, real_rename = os.fsync, os.rename
 
@@ -93,6 +87,18 @@ class DurabilityOrderTests(SynchronousTestCase):
 
         self.patch(os, "fsync", fsync)
         self.patch(os, "rename", rename)
+        return calls
+
+    def test_fsync_file_then_rename_then_fsync_dir(self) -> None:
+        """
+        A delivery fsyncs tmp/<name>, renames it into new/, then fsyncs new/:
+        in that order, and all before it returns (so before the 250).
+        """
+        root = Path(self.mktemp())
+        store = MaildirStore(root, reactor, ThreadPool())
+        target = root / "example.org" / "alice"
+        store._ensure_maildir(target)
+        calls = self._record_calls()
         name = store.deliver_sync(target, b"Return-Path: <>\r\n", body_of(b"hello\r\n"))
         new = str((target / "new").absolute())
         self.assertEqual(len(calls), 3)
@@ -137,6 +143,62 @@ class DurabilityOrderTests(SynchronousTestCase):
         durable.atomic_write(d / "f", b"two", mode=0o644)
         self.assertEqual((d / "f").read_bytes(), b"two")
         self.assertEqual(os.listdir(d), ["f"])
+
+
+class DirectorySyncTests(SynchronousTestCase):
+    def test_each_change_covered_by_a_sync_that_began_after_it(self) -> None:
+        """
+        Under concurrency every caller returns only after an fsync that started after its own
+        change, and callers share fsyncs (fewer fsyncs than changes).
+        """
+        lock = threading.Lock()
+        changes = 0
+        syncs: list[tuple[int, float]] = []  # (changes seen at start, end time)
+
+        def slow_sync(path: Path) -> None:
+            with lock:
+                seen = changes
+            time.sleep(0.01)
+            with lock:
+                syncs.append((seen, time.monotonic()))
+
+        ds = durable.DirectorySync(slow_sync)
+        problems: list[str] = []
+
+        def worker() -> None:
+            nonlocal changes
+            for _ in range(20):
+                with lock:
+                    changes += 1
+                    mine = changes
+                ds.changed(Path("/d"))
+                now = time.monotonic()
+                with lock:
+                    if not any(seen >= mine and end <= now for seen, end in syncs):
+                        problems.append(f"change {mine} returned before a covering sync")
+
+        threads = [threading.Thread(target=worker) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        self.assertEqual(problems, [])
+        self.assertLess(len(syncs), 160)
+
+    def test_failed_sync_raises_and_next_caller_retries(self) -> None:
+        """A failing fsync raises to its caller; the next caller syncs again."""
+        calls: list[Path] = []
+
+        def flaky(path: Path) -> None:
+            calls.append(path)
+            if len(calls) == 1:
+                raise OSError("EIO")
+
+        ds = durable.DirectorySync(flaky)
+        with self.assertRaises(OSError):
+            ds.changed(Path("/d"))
+        ds.changed(Path("/d"))
+        self.assertEqual(len(calls), 2)
 
 
 class StoreContractMixin:

@@ -1411,10 +1411,15 @@ class PendingCommitTests(ServerTestCase):
         self.assertEqual(client.statuses(), ["250 2.0.0", "250 2.0.0", "250 2.0.0", "221 2.0.0"])
         self.assertTrue(client.closed)
 
-    def test_pending_commit_pauses_transport_until_it_fires(self) -> None:
-        """While the commit is pending, the transport is paused; it is resumed afterwards."""
+    def test_pending_commit_pauses_transport_when_more_input_arrives(self) -> None:
+        """
+        While the commit is pending, more input pauses the transport (TCP backpressure); it is
+        resumed once the commit fires. A client that waits for its reply causes no pause.
+        """
         client = self.session(self.factory(store=self.pending))
         client.send(TRANSACTION)
+        self.assertEqual(client.transport.producerState, "producing")
+        client.send(b"NOOP\r\n")
         self.assertEqual(client.transport.producerState, "paused")
         self.pending.fire()
         self.assertEqual(client.transport.producerState, "producing")

@@ -139,6 +139,7 @@ class SMTPServer(Protocol):
         self._out: list[bytes] = []
         self._busy = False  # a reply is pending on a Deferred: process no more input
         self._processing = False
+        self._paused = False  # reading stopped while a reply waits (backpressure)
         self._skip_line = False  # discarding the rest of an over-long command line
         self._errors = 0
         self._messages = 0
@@ -269,6 +270,12 @@ class SMTPServer(Protocol):
             return
         self._last_input = self._clock.seconds()
         self._buf = self._buf + data if self._buf else data
+        if self._busy and not self._paused:
+            # More input while a reply waits on the disk: stop reading, so TCP pushes back on
+            # a client that keeps sending. (Pausing only now, not at every commit, saves two
+            # epoll_ctl calls per message for the usual client that waits for its reply.)
+            self._paused = True
+            pause(self.transport, True)
         self._process()
         self._flush()
 
@@ -601,7 +608,6 @@ class SMTPServer(Protocol):
         msgid, sender, rcpts = self._msgid, self._mail_from, self._rcpts
         size = delivery.size
         self._busy = True
-        pause(self.transport, True)
         try:
             d = delivery.commit(trace)
         except Exception:
@@ -631,7 +637,9 @@ class SMTPServer(Protocol):
             self._out = []
             self._wake_idle_waiter()
             return
-        pause(self.transport, False)
+        if self._paused:
+            self._paused = False
+            pause(self.transport, False)
         self._last_input = self._clock.seconds()
         self._after_transaction_if_stopping()
         if self._processing:

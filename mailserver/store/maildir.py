@@ -4,7 +4,8 @@ Durable delivery into maildirs (DESIGN.md §3).
 
 Layout: C{<data_dir>/mail/<domain>/<local>/} is a Maildir++ whose root (C{cur/ new/ tmp/}) is
 the INBOX. A delivery writes C{tmp/<unique>}, fsyncs it, renames it into C{new/} and fsyncs
-C{new/}; only then does its Deferred fire, so the SMTP C{250} never precedes durability. The
+C{new/}; only then does its Deferred fire, so the SMTP C{250} never precedes durability.
+Concurrent deliveries to one maildir share the fsync of C{new/} (L{DirectorySync}). The
 file names are unique (time, microseconds, pid, a per-process counter and random bits, as
 Dovecot's) and carry the size (C{,S=}) so that readers need no C{stat}.
 """
@@ -30,7 +31,11 @@ from zope.interface import implementer
 
 from mailserver.interfaces import IMailStore
 from mailserver.store.body import MessageBody
-from mailserver.store.durable import fsync_dir, make_dirs_durably, write_new_file
+from mailserver.store.durable import (
+    DirectorySync,
+    make_dirs_durably,
+    write_new_file,
+)
 
 _SAFE_DOMAIN = re.compile(r"[a-z0-9]([a-z0-9.-]*[a-z0-9])?")
 _UNSAFE_LOCAL = re.compile(r"[/\x00-\x1f\x7f]")
@@ -87,18 +92,29 @@ class MaildirStore:
         self._names = _NameGenerator()
         self._ready: set[Path] = set()
         self._ready_lock = threading.Lock()
+        self._dir_sync = DirectorySync()
+        self._paths: dict[str, Path] = {}  # account -> maildir, checked once
 
     def deliver(
         self, targets: Sequence[tuple[str, bytes]], body: MessageBody
     ) -> Deferred[list[str]]:
         try:
-            paths = [(mailbox_path(self.root, account), prefix) for account, prefix in targets]
+            paths = [(self._path(account), prefix) for account, prefix in targets]
         except UnsafeMailboxName as e:
             return fail(e)
         result: Deferred[list[str]] = deferToThreadPool(
             self._reactor, self._pool, self._deliver_all, paths, body
         )
         return result
+
+    def _path(self, account: str) -> Path:
+        path = self._paths.get(account)
+        if path is None:
+            path = mailbox_path(self.root, account)
+            if len(self._paths) >= 10_000:
+                self._paths.clear()
+            self._paths[account] = path
+        return path
 
     def _deliver_all(self, paths: list[tuple[Path, bytes]], body: MessageBody) -> list[str]:
         names: list[str] = []
@@ -114,21 +130,21 @@ class MaildirStore:
         """
         self._ensure_maildir(maildir)
         base = self._names()
-        tmp = maildir / "tmp" / base
+        new_dir = maildir / "new"
 
         def write(f: BinaryIO) -> None:
             f.write(prefix)
             body.write_to(f)
 
+        tmp = maildir / "tmp" / base
         size = write_new_file(tmp, write)
         name = f"{base},S={size},W={size}"
-        new_dir = maildir / "new"
         try:
             os.rename(tmp, new_dir / name)
         except BaseException:
             os.unlink(tmp)
             raise
-        fsync_dir(new_dir)
+        self._dir_sync.changed(new_dir)
         return name
 
     def _ensure_maildir(self, maildir: Path) -> None:
