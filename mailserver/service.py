@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort, IReactorTime
 from twisted.internet.protocol import Factory
@@ -113,6 +113,8 @@ class MailService(MultiService):
 
     @override
     def stopService(self) -> Deferred[None]:
+        if not self.running:
+            return succeed(None)
         d: Deferred[Any] = Deferred.fromCoroutine(self._stop())
         return d
 

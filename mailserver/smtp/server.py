@@ -152,22 +152,6 @@ class SMTPServer(Protocol):
         self._idle_waiter: Deferred[None] | None = None
         self._delivery: IDelivery | None = None
         self._reset_transaction()
-        self._commands: dict[str, Callable[[str], None]] = {
-            "EHLO": self._ehlo,
-            "HELO": self._helo_cmd,
-            "MAIL": self._mail,
-            "RCPT": self._rcpt,
-            "DATA": self._data,
-            "BDAT": self._bdat,
-            "RSET": self._rset,
-            "NOOP": self._noop,
-            "QUIT": self._quit,
-            "VRFY": self._vrfy,
-            "EXPN": self._expn,
-            "HELP": self._help,
-            "STARTTLS": self._starttls,
-            "AUTH": self._auth,
-        }
 
     # -- connection ------------------------------------------------------------------------
 
@@ -347,7 +331,7 @@ class SMTPServer(Protocol):
             return
         verb, _, arg = line.partition(" ")
         verb = verb.upper()
-        handler = self._commands.get(verb)
+        handler = _COMMANDS.get(verb)
         if handler is None:
             if verb in _HTTP_VERBS and self._helo is None:
                 # Another protocol speaking to us (RFC 5321 is not HTTP): end it at once.
@@ -356,7 +340,7 @@ class SMTPServer(Protocol):
             self._error(c.C500SyntaxError, "5.5.2", "Command not recognized")
             return
         try:
-            handler(arg)
+            handler(self, arg)
         except Reply as r:
             self._refuse(verb, r)
         except Exception:
@@ -710,6 +694,25 @@ class SMTPServer(Protocol):
         self._abort_transaction()
         self._helo = None
         self._esmtp = False
+
+
+# The command table (a dispatch table, not getattr on a name the client sent).
+_COMMANDS: dict[str, Callable[[SMTPServer, str], None]] = {
+    "EHLO": SMTPServer._ehlo,
+    "HELO": SMTPServer._helo_cmd,
+    "MAIL": SMTPServer._mail,
+    "RCPT": SMTPServer._rcpt,
+    "DATA": SMTPServer._data,
+    "BDAT": SMTPServer._bdat,
+    "RSET": SMTPServer._rset,
+    "NOOP": SMTPServer._noop,
+    "QUIT": SMTPServer._quit,
+    "VRFY": SMTPServer._vrfy,
+    "EXPN": SMTPServer._expn,
+    "HELP": SMTPServer._help,
+    "STARTTLS": SMTPServer._starttls,
+    "AUTH": SMTPServer._auth,
+}
 
 
 __all__ = ["SMTPFactory", "SMTPServer", "SMTPSettings", "SessionTracker", "new_id"]

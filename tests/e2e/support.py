@@ -56,10 +56,20 @@ shutdown_grace = "5s"
 class Running:
     """A started service and what tests need to reach it."""
 
-    def __init__(self, root: MailService, data_dir: Path) -> None:
+    def __init__(self, root: MailService, data_dir: Path, cfg: configuration.Config) -> None:
         self.root = root
         self.data_dir = data_dir
         self.directory = root.directory
+        self.config = cfg
+
+    async def restart(self, test: TestCase) -> Running:
+        """Stop this service and start a new one on the same data (new ports)."""
+        await self.root.stopService()
+        root = build(self.config, reactor)
+        root.privilegedStartService()
+        root.startService()
+        test.addCleanup(root.stopService)
+        return Running(root, self.data_dir, self.config)
 
     def port(self, kind: str = "smtp", index: int = 0) -> int:
         port = self.root.listener(kind, index).port
@@ -108,7 +118,7 @@ async def start_server(
     root.privilegedStartService()
     root.startService()
     test.addCleanup(root.stopService)
-    running = Running(root, data_dir)
+    running = Running(root, data_dir, cfg)
     for user in users:
         running.directory.add_user(f"{user}@{DOMAIN}", PASSWORD)
     return running

@@ -6,9 +6,11 @@ SIGKILL, graceful stop on SIGTERM, start-up with no configuration file.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import smtplib
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -19,7 +21,8 @@ from pathlib import Path
 from twisted.trial.unittest import SynchronousTestCase
 
 from mailserver.directory import open_directory
-from tests.e2e.support import DOMAIN, PASSWORD, RawClient
+from mailserver.tls import ensure_self_signed
+from tests.e2e.support import DOMAIN, PASSWORD, RawClient, client_tls_context
 
 TWISTD = [sys.executable, "-c", "from twisted.scripts.twistd import run; run()"]
 
@@ -46,7 +49,7 @@ def wait_for_port(port: int, proc: subprocess.Popen[bytes], seconds: float = 30.
 class ChildServer:
     """A C{twistd -n mailserver --config ...} child with its own data directory."""
 
-    def __init__(self, base: Path, extra: str = "") -> None:
+    def __init__(self, base: Path, extra: str = "", tls: str = "none") -> None:
         self.base = base
         self.data_dir = base / "data"
         self.port = free_port()
@@ -62,7 +65,7 @@ shutdown_grace = "10s"
 [[listener]]
 kind = "smtp"
 endpoint = "tcp:{self.port}:interface=127.0.0.1"
-tls = "none"
+tls = "{tls}"
 """
         )
         self.proc: subprocess.Popen[bytes] | None = None
@@ -223,6 +226,46 @@ class GracefulStopTests(SynchronousTestCase):
         self.assertEqual(self.server.proc.wait(30), 0)
         [stored] = self.server.new_files(f"alice@{DOMAIN}")
         self.assertTrue(stored.read_bytes().endswith(b"first half\r\nsecond half\r\n"))
+
+
+class ReloadTests(SynchronousTestCase):
+    def test_sighup_loads_new_certificate(self) -> None:
+        """
+        After the certificate files are replaced, SIGHUP makes new STARTTLS connections get
+        the new certificate, without a restart; the server keeps running.
+        """
+        base = Path(self.mktemp()).absolute()
+        base.mkdir(parents=True)
+        first = ensure_self_signed(base / "one", "one.example")
+        second = ensure_self_signed(base / "two", "two.example")
+        shutil.copy(first[0], base / "cert.pem")
+        shutil.copy(first[1], base / "key.pem")
+        server = ChildServer(
+            base, extra='[tls]\ncert = "cert.pem"\nkey = "key.pem"\n', tls="starttls"
+        )
+        self.addCleanup(server.stop, signal.SIGKILL)
+        server.start()
+        assert server.proc is not None
+
+        def peer_certificate() -> bytes:
+            with smtplib.SMTP("127.0.0.1", server.port, timeout=10) as s:
+                s.starttls(context=client_tls_context())
+                der = s.sock.getpeercert(binary_form=True)  # type: ignore[union-attr]
+                assert der is not None
+                return der
+
+        before = peer_certificate()
+        self.assertEqual(before, ssl.PEM_cert_to_DER_cert(first[0].read_text()))
+        shutil.copy(second[0], base / "cert.pem")
+        shutil.copy(second[1], base / "key.pem")
+        server.proc.send_signal(signal.SIGHUP)
+        expected = ssl.PEM_cert_to_DER_cert(second[0].read_text())
+        deadline = time.monotonic() + 10
+        while peer_certificate() != expected:
+            self.assertLess(time.monotonic(), deadline, "certificate not reloaded")
+            time.sleep(0.1)
+        self.assertIsNone(server.proc.poll())
+        self.assertEqual(server.stop(), 0)
 
 
 class FirstStartTests(SynchronousTestCase):
