@@ -18,10 +18,10 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-ListenerKind = Literal["smtp"]
+ListenerKind = Literal["smtp", "pop3"]
 TLSMode = Literal["starttls", "implicit", "none"]
 
-LISTENER_KINDS: tuple[str, ...] = ("smtp",)
+LISTENER_KINDS: tuple[str, ...] = ("smtp", "pop3")
 TLS_MODES: tuple[str, ...] = ("starttls", "implicit", "none")
 
 
@@ -84,6 +84,20 @@ class LimitsConfig:
     """Seconds an SMTP client may stay silent (RFC 5321 §4.5.3.2 asks at least 5 minutes)."""
     smtp_errors: int = 10
     """Bad commands in one SMTP session before 421 and close."""
+    pop3_line_length: int = 1024
+    """Longest POP3 command line, CRLF included (SASL responses are lines too)."""
+    pop3_idle_timeout: float = 600.0
+    """Seconds a POP3 client may stay silent (RFC 1939 §3 asks at least 10 minutes)."""
+    pop3_errors: int = 10
+    """Bad commands in one POP3 session before -ERR and close."""
+    auth_failures: int = 5
+    """Failed logins one client (IPv4 address or IPv6 /64) may make in auth_window; then its
+    logins are refused with a temporary error until the oldest failure leaves the window."""
+    auth_window: float = 600.0
+    """Seconds a failed login counts against its client."""
+    auth_failure_delay: float = 2.0
+    """Seconds the reply to a failed login waits (longer, up to 30 s, for an account that fails
+    often from anywhere; never a refusal per account)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -312,10 +326,18 @@ def parse(text: str, source: str = "<string>", base_dir: Path | None = None) -> 
             "connections_per_ip": _positive_int,
             "smtp_idle_timeout": _positive_duration,
             "smtp_errors": _positive_int,
+            "pop3_line_length": _positive_size,
+            "pop3_idle_timeout": _positive_duration,
+            "pop3_errors": _positive_int,
+            "auth_failures": _positive_int,
+            "auth_window": _positive_duration,
+            "auth_failure_delay": parse_duration,
         },
     )
     if limits is not None and limits.smtp_line_length < 512:
         r.error("limits.smtp_line_length", "must be at least 512 (RFC 5321 §4.5.3.1.4)")
+    if limits is not None and limits.pop3_line_length < 255:
+        r.error("limits.pop3_line_length", "must be at least 255 (RFC 2449 §4)")
 
     listeners: list[ListenerConfig] = []
     raw_listeners = data.get("listener", [])
@@ -377,12 +399,17 @@ def load(path: str | os.PathLike[str]) -> Config:
 def embedded_default(cwd: Path | None = None) -> Config:
     """
     The configuration used with no file: local domain C{localhost}, data under C{./var}, high
-    ports on loopback, a self-signed certificate made on first start.
+    ports on loopback (SMTP 2525, POP3 2110 with STLS, POP3S 2995), a self-signed certificate
+    made on first start.
     """
     root = cwd if cwd is not None else Path.cwd()
     return Config(
         server=ServerConfig(data_dir=root / "var", domain="localhost"),
-        listeners=(ListenerConfig(kind="smtp", endpoint="tcp:2525:interface=127.0.0.1"),),
+        listeners=(
+            ListenerConfig(kind="smtp", endpoint="tcp:2525:interface=127.0.0.1"),
+            ListenerConfig(kind="pop3", endpoint="tcp:2110:interface=127.0.0.1", tls="starttls"),
+            ListenerConfig(kind="pop3", endpoint="tcp:2995:interface=127.0.0.1", tls="implicit"),
+        ),
     )
 
 

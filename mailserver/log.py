@@ -136,6 +136,55 @@ def delivered(msgid: str, account: str, filename: str, size: int) -> None:
     )
 
 
+def _printable(text: str, limit: int = 256) -> str:
+    """
+    C{text} as one safe line: control and invisible characters escaped, at most C{limit}
+    characters. For names a client chose, so that none can forge a log line (a fail2ban match
+    against someone else's address) or hide itself.
+    """
+    if len(text) > limit:
+        text = text[:limit] + "..."
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
+
+
+def auth_succeeded(peer: str, account: str) -> None:
+    """A client logged in."""
+    _emit(
+        LogLevel.info,
+        "auth.succeeded",
+        "[{peer}] login as {account}",
+        peer=peer,
+        account=account,
+    )
+
+
+def auth_failed(peer: str, username: str) -> None:
+    """
+    A login failed: unknown user or wrong password (not told apart). The password is not an
+    argument, so it cannot be logged.
+    """
+    _emit(
+        LogLevel.warn,
+        "auth.failed",
+        "[{peer}] login failed for {username}",
+        peer=peer,
+        username=_printable(username),
+    )
+
+
+def auth_throttled(peer: str, username: str) -> None:
+    """A login was refused unchecked: its client has failed too often lately."""
+    _emit(
+        LogLevel.warn,
+        "auth.throttled",
+        "[{peer}] login refused for {username}: too many failures from this client",
+        peer=peer,
+        username=_printable(username),
+    )
+
+
 def internal_error(session: str, peer: str, what: str, failure: Failure) -> None:
     """Something failed that should not have; the client got a generic 451 / -ERR / NO."""
     _log.failure(

@@ -136,16 +136,134 @@ smtp_line_length = 100
         self.assertEqual(c.load(d / "m.toml").server.data_dir, d / "data")
 
 
+class POP3AndAuthLimitsTests(SynchronousTestCase):
+    """The [limits] keys of POP3 and of login throttling, and the pop3 listener kind."""
+
+    def test_defaults(self) -> None:
+        """Without the keys, the defaults of DESIGN.md §5 and RFC 1939 apply."""
+        limits = c.parse(MINIMAL).limits
+        self.assertEqual(limits.pop3_line_length, 1024)
+        self.assertEqual(limits.pop3_idle_timeout, 600.0)
+        self.assertEqual(limits.pop3_errors, 10)
+        self.assertEqual(limits.auth_failures, 5)
+        self.assertEqual(limits.auth_window, 600.0)
+        self.assertEqual(limits.auth_failure_delay, 2.0)
+
+    def test_keys_parse_with_units(self) -> None:
+        """Sizes and durations take units; counts are whole numbers."""
+        limits = c.parse(
+            MINIMAL
+            + "[limits]\n"
+            + 'pop3_line_length = "2KiB"\n'
+            + 'pop3_idle_timeout = "15m"\n'
+            + "pop3_errors = 3\n"
+            + "auth_failures = 7\n"
+            + 'auth_window = "1h"\n'
+            + 'auth_failure_delay = "500ms"\n'
+        ).limits
+        self.assertEqual(limits.pop3_line_length, 2048)
+        self.assertEqual(limits.pop3_idle_timeout, 900.0)
+        self.assertEqual(limits.pop3_errors, 3)
+        self.assertEqual(limits.auth_failures, 7)
+        self.assertEqual(limits.auth_window, 3600.0)
+        self.assertEqual(limits.auth_failure_delay, 0.5)
+
+    def test_no_failure_delay_allowed(self) -> None:
+        """A failure delay of zero is a choice, not an error."""
+        self.assertEqual(
+            c.parse(MINIMAL + '[limits]\nauth_failure_delay = "0s"\n').limits.auth_failure_delay,
+            0.0,
+        )
+
+    def test_bad_values_refused_with_their_path(self) -> None:
+        """Each bad value is refused, and the error names the key's path."""
+        cases = {
+            "pop3_line_length": ['"lots"', "0", "true"],
+            "pop3_idle_timeout": ['"soon"', "0", '"-5s"', "-1"],
+            "pop3_errors": ["0", '"ten"', "1.5"],
+            "auth_failures": ["0", "-3", '"five"', "false"],
+            "auth_window": ["0", '"forever"', "-1"],
+            "auth_failure_delay": ['"slow"', "-2", "true"],
+        }
+        for key, values in cases.items():
+            for bad in values:
+                with self.assertRaises(c.ConfigError, msg=f"{key} = {bad}") as e:
+                    c.parse(MINIMAL + f"[limits]\n{key} = {bad}\n", source="f.toml")
+                self.assertEqual(len(e.exception.errors), 1, e.exception.errors)
+                self.assertTrue(
+                    e.exception.errors[0].startswith(f"f.toml: limits.{key}: "),
+                    e.exception.errors[0],
+                )
+
+    def test_pop3_line_length_below_rfc_minimum_refused(self) -> None:
+        """pop3_line_length under RFC 2449's 255 octets is refused; 255 itself is fine."""
+        with self.assertRaises(c.ConfigError) as e:
+            c.parse(MINIMAL + "[limits]\npop3_line_length = 254\n", source="f.toml")
+        self.assertEqual(len(e.exception.errors), 1)
+        self.assertTrue(e.exception.errors[0].startswith("f.toml: limits.pop3_line_length: "))
+        limits = c.parse(MINIMAL + "[limits]\npop3_line_length = 255\n").limits
+        self.assertEqual(limits.pop3_line_length, 255)
+
+    def test_pop3_listener(self) -> None:
+        """A listener of kind pop3 is accepted with each TLS mode and plaintext auth."""
+        cfg = c.parse(
+            MINIMAL
+            + '[[listener]]\nkind = "pop3"\nendpoint = "tcp:995"\ntls = "implicit"\n'
+            + '[[listener]]\nkind = "pop3"\nendpoint = "tcp:110"\n'
+            + "allow_plaintext_auth = true\n"
+        )
+        self.assertEqual(
+            cfg.listeners[1:],
+            (
+                c.ListenerConfig(kind="pop3", endpoint="tcp:995", tls="implicit"),
+                c.ListenerConfig(
+                    kind="pop3", endpoint="tcp:110", tls="starttls", allow_plaintext_auth=True
+                ),
+            ),
+        )
+
+    def test_unknown_listener_kind_refused(self) -> None:
+        """A kind that does not exist (yet) is refused, naming the listener."""
+        with self.assertRaises(c.ConfigError) as e:
+            c.parse(MINIMAL + '[[listener]]\nkind = "pop2"\nendpoint = "tcp:109"\n')
+        self.assertEqual(len(e.exception.errors), 1)
+        self.assertIn("listener[1].kind", e.exception.errors[0])
+
+    def test_render_round_trips_new_keys(self) -> None:
+        """`config check` prints the new keys in a form that parses back to the same values."""
+        cfg = c.parse(
+            MINIMAL
+            + '[[listener]]\nkind = "pop3"\nendpoint = "tcp:995"\ntls = "implicit"\n'
+            + '[limits]\nauth_failure_delay = "250ms"\npop3_errors = 4\nauth_window = "1h"\n',
+            base_dir=Path("/srv"),
+        )
+        text = c.render(cfg)
+        self.assertIn("auth_failure_delay = 0.25\n", text)
+        self.assertIn('kind = "pop3"\n', text)
+        again = c.parse(text, base_dir=Path("/elsewhere"))
+        self.assertEqual(dataclasses.replace(again, source=cfg.source), cfg)
+
+
 class EmbeddedDefaultTests(SynchronousTestCase):
     def test_embedded_default(self) -> None:
-        """No file: domain localhost, data under ./var, SMTP on a high port on loopback."""
+        """No file: domain localhost, data under ./var, SMTP and POP3 on high loopback ports."""
         cfg = c.embedded_default(Path("/home/u/work"))
         self.assertEqual(cfg.server.domain, "localhost")
         self.assertEqual(cfg.server.data_dir, Path("/home/u/work/var"))
         self.assertEqual(
             [(lst.kind, lst.endpoint, lst.tls) for lst in cfg.listeners],
-            [("smtp", "tcp:2525:interface=127.0.0.1", "starttls")],
+            [
+                ("smtp", "tcp:2525:interface=127.0.0.1", "starttls"),
+                ("pop3", "tcp:2110:interface=127.0.0.1", "starttls"),
+                ("pop3", "tcp:2995:interface=127.0.0.1", "implicit"),
+            ],
         )
+
+    def test_embedded_default_renders_and_parses_back(self) -> None:
+        """The embedded default, pop3 listeners included, survives `config check`'s output."""
+        cfg = c.embedded_default(Path("/home/u/work"))
+        again = c.parse(c.render(cfg), base_dir=Path("/elsewhere"))
+        self.assertEqual(dataclasses.replace(again, source=cfg.source), cfg)
 
     def test_render_round_trips(self) -> None:
         """What `config check` prints parses back to the same configuration."""

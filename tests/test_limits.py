@@ -1,13 +1,14 @@
 """
-Tests for L{mailserver.limits}: the per-client key (IPv4 address, IPv6 /64) and
-L{ConnectionLimiter}'s total and per-client counts.
+Tests for L{mailserver.limits}: the per-client key (IPv4 address, IPv6 /64),
+L{ConnectionLimiter}'s total and per-client counts, and L{AuthThrottle}.
 """
 
 from __future__ import annotations
 
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from mailserver.limits import ConnectionLimiter, client_key
+from mailserver.limits import AuthThrottle, ConnectionLimiter, client_key
 
 
 class ClientKeyTests(SynchronousTestCase):
@@ -136,3 +137,269 @@ class ConnectionLimiterTests(SynchronousTestCase):
         self.assertEqual(limiter.total, 0)
         self.assertIsNone(limiter.acquire("192.0.2.1"))
         self.assertEqual(limiter.acquire("192.0.2.2"), "total")
+
+
+class AuthThrottleTests(SynchronousTestCase):
+    """L{AuthThrottle}: failed logins per client, delays per account."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1_000_000)
+
+    def throttle(
+        self,
+        max_failures: int = 5,
+        delay: float = 2.0,
+        max_delay: float = 30.0,
+        max_clients: int = 10_000,
+        max_accounts: int = 10_000,
+    ) -> AuthThrottle:
+        """A throttle on C{self.clock} with a 600 s window."""
+        return AuthThrottle(
+            self.clock,
+            max_failures=max_failures,
+            window=600.0,
+            delay=delay,
+            max_delay=max_delay,
+            max_clients=max_clients,
+            max_accounts=max_accounts,
+        )
+
+    def fail_times(self, throttle: AuthThrottle, host: str, account: str, n: int) -> list[float]:
+        return [throttle.failed(host, account) for _ in range(n)]
+
+    def test_new_client_not_refused(self) -> None:
+        """A client with no failures may try."""
+        self.assertFalse(self.throttle().refused("192.0.2.1"))
+
+    def test_refused_after_max_failures(self) -> None:
+        """Four failures leave the client free to try; the fifth makes it refused."""
+        throttle = self.throttle()
+        self.fail_times(throttle, "192.0.2.1", "alice@example.org", 4)
+        self.assertFalse(throttle.refused("192.0.2.1"))
+        throttle.failed("192.0.2.1", "alice@example.org")
+        self.assertTrue(throttle.refused("192.0.2.1"))
+
+    def test_failures_for_different_accounts_add_up(self) -> None:
+        """A client is counted over all the names it tries, not per name."""
+        throttle = self.throttle()
+        for i in range(5):
+            throttle.failed("192.0.2.1", f"user{i}@example.org")
+        self.assertTrue(throttle.refused("192.0.2.1"))
+
+    def test_other_ipv4_address_not_refused(self) -> None:
+        """Another IPv4 address, even next door, is another client."""
+        throttle = self.throttle()
+        self.fail_times(throttle, "192.0.2.1", "alice@example.org", 5)
+        self.assertFalse(throttle.refused("192.0.2.2"))
+
+    def test_ipv6_counted_per_64(self) -> None:
+        """Failures from different addresses of one IPv6 /64 add up; another /64 is free."""
+        throttle = self.throttle()
+        for i in range(5):
+            throttle.failed(f"2001:db8:1:2::{i + 1:x}", "alice@example.org")
+        self.assertTrue(throttle.refused("2001:db8:1:2:ffff::9"))
+        self.assertFalse(throttle.refused("2001:db8:1:3::1"))
+
+    def test_mapped_ipv4_counted_with_ipv4(self) -> None:
+        """An IPv4-mapped IPv6 peer is the same client as its IPv4 address."""
+        throttle = self.throttle()
+        self.fail_times(throttle, "::ffff:192.0.2.1", "alice@example.org", 5)
+        self.assertTrue(throttle.refused("192.0.2.1"))
+
+    def test_failures_expire_after_window(self) -> None:
+        """Once its failures are older than the window, the client may try again."""
+        throttle = self.throttle()
+        self.fail_times(throttle, "192.0.2.1", "alice@example.org", 5)
+        self.clock.advance(599)
+        self.assertTrue(throttle.refused("192.0.2.1"))
+        self.clock.advance(1)
+        self.assertFalse(throttle.refused("192.0.2.1"))
+
+    def test_window_slides(self) -> None:
+        """
+        Only failures inside the window count: when the oldest leaves it, one more try is
+        allowed, not a fresh five.
+        """
+        throttle = self.throttle()
+        throttle.failed("192.0.2.1", "a@example.org")
+        self.clock.advance(300)
+        self.fail_times(throttle, "192.0.2.1", "a@example.org", 4)
+        self.assertTrue(throttle.refused("192.0.2.1"))
+        self.clock.advance(300)
+        self.assertFalse(throttle.refused("192.0.2.1"))
+        throttle.failed("192.0.2.1", "a@example.org")
+        self.assertTrue(throttle.refused("192.0.2.1"))
+
+    def test_failure_delay(self) -> None:
+        """Each failure returns the configured delay."""
+        throttle = self.throttle(delay=0.25)
+        self.assertEqual(self.fail_times(throttle, "192.0.2.1", "a@example.org", 3), [0.25] * 3)
+
+    def test_zero_delay(self) -> None:
+        """A delay of 0 stays 0, however attacked the account."""
+        throttle = self.throttle(delay=0.0)
+        delays = [throttle.failed(f"192.0.2.{i}", "a@example.org") for i in range(20)]
+        self.assertEqual(delays, [0.0] * 20)
+
+    def test_attacked_account_delay_grows_and_is_capped(self) -> None:
+        """
+        Failures for one account from many addresses: the delay stays the base one up to
+        max_failures, then doubles with each failure, up to max_delay.
+        """
+        throttle = self.throttle(delay=2.0, max_delay=30.0)
+        delays = [throttle.failed(f"192.0.2.{i}", "alice@example.org") for i in range(1, 11)]
+        self.assertEqual(delays, [2.0] * 5 + [4.0, 8.0, 16.0, 30.0, 30.0])
+
+    def test_attacked_account_delay_falls_back_after_window(self) -> None:
+        """An account's failures leave the window too, and its delay returns to the base."""
+        throttle = self.throttle(delay=2.0)
+        for i in range(10):
+            throttle.failed(f"192.0.2.{i}", "alice@example.org")
+        self.clock.advance(600)
+        self.assertEqual(throttle.failed("192.0.2.100", "alice@example.org"), 2.0)
+
+    def test_attacked_account_never_refuses_another_client(self) -> None:
+        """
+        However many failures an account has, a client with no failures of its own is not
+        refused: the real user gets in from elsewhere.
+        """
+        throttle = self.throttle()
+        for i in range(200):
+            throttle.failed(f"2001:db8:{i:x}::1", "alice@example.org")
+        self.assertFalse(throttle.refused("198.51.100.7"))
+        attempt = throttle.attempt("198.51.100.7")
+        assert attempt is not None
+        attempt.succeeded("alice@example.org")
+
+    def test_other_accounts_keep_base_delay(self) -> None:
+        """The extra delay is for the attacked account only."""
+        throttle = self.throttle(delay=1.0)
+        for i in range(10):
+            throttle.failed(f"192.0.2.{i}", "alice@example.org")
+        self.assertEqual(throttle.failed("192.0.2.200", "bob@example.org"), 1.0)
+
+    def test_success_forgives_that_accounts_failures_only(self) -> None:
+        """
+        After a success for alice, the client's failures for alice no longer count; its
+        failures for other accounts still do.
+        """
+        throttle = self.throttle()
+        self.fail_times(throttle, "192.0.2.1", "alice@example.org", 3)
+        self.fail_times(throttle, "192.0.2.1", "bob@example.org", 2)
+        self.assertTrue(throttle.refused("192.0.2.1"))
+        throttle.succeeded("192.0.2.1", "alice@example.org")
+        self.assertFalse(throttle.refused("192.0.2.1"))
+        self.fail_times(throttle, "192.0.2.1", "carol@example.org", 2)
+        self.assertFalse(throttle.refused("192.0.2.1"))
+        throttle.failed("192.0.2.1", "carol@example.org")
+        self.assertTrue(throttle.refused("192.0.2.1"))
+
+    def test_success_for_own_account_buys_no_guesses(self) -> None:
+        """Logging in to one's own account does not reset failures for someone else's."""
+        throttle = self.throttle()
+        self.fail_times(throttle, "192.0.2.1", "victim@example.org", 5)
+        throttle.succeeded("192.0.2.1", "mallory@example.org")
+        self.assertTrue(throttle.refused("192.0.2.1"))
+
+    def test_attempt_refused_returns_none(self) -> None:
+        """C{attempt} gives C{None} to a refused client."""
+        throttle = self.throttle()
+        self.fail_times(throttle, "192.0.2.1", "a@example.org", 5)
+        self.assertIsNone(throttle.attempt("192.0.2.1"))
+        self.assertIsNotNone(throttle.attempt("192.0.2.2"))
+
+    def test_checks_in_progress_count(self) -> None:
+        """
+        A client cannot get more than max_failures guesses by sending them in parallel: checks
+        still running count against it.
+        """
+        throttle = self.throttle()
+        attempts = [throttle.attempt("192.0.2.1") for _ in range(5)]
+        self.assertNotIn(None, attempts)
+        self.assertIsNone(throttle.attempt("192.0.2.1"))
+        self.assertIsNotNone(throttle.attempt("192.0.2.2"))
+
+    def test_attempt_end_releases_its_slot(self) -> None:
+        """
+        Success and abandon free the in-progress slot without counting a failure; failure
+        turns it into a counted failure.
+        """
+        throttle = self.throttle(max_failures=2)
+        first = throttle.attempt("192.0.2.1")
+        second = throttle.attempt("192.0.2.1")
+        assert first is not None and second is not None
+        self.assertTrue(throttle.refused("192.0.2.1"))
+        first.succeeded("a@example.org")
+        second.abandon()
+        self.assertFalse(throttle.refused("192.0.2.1"))
+        third = throttle.attempt("192.0.2.1")
+        assert third is not None
+        self.assertEqual(third.failed("a@example.org"), 2.0)
+        self.assertFalse(throttle.refused("192.0.2.1"))
+        fourth = throttle.attempt("192.0.2.1")
+        assert fourth is not None
+        self.assertTrue(throttle.refused("192.0.2.1"))
+        fourth.failed("a@example.org")
+        self.assertTrue(throttle.refused("192.0.2.1"))
+
+    def test_attempt_ends_once(self) -> None:
+        """Ending an attempt twice releases one slot and counts one failure."""
+        throttle = self.throttle(max_failures=3)
+        keep = throttle.attempt("192.0.2.1")
+        attempt = throttle.attempt("192.0.2.1")
+        assert keep is not None and attempt is not None
+        attempt.failed("a@example.org")
+        attempt.failed("a@example.org")
+        attempt.abandon()
+        # One pending (keep) + one failure: one more attempt allowed, not two.
+        self.assertIsNotNone(throttle.attempt("192.0.2.1"))
+        self.assertIsNone(throttle.attempt("192.0.2.1"))
+
+    def test_memory_cap_on_clients(self) -> None:
+        """
+        A flood of addresses keeps at most max_clients on record; the client whose last failure
+        is oldest is forgotten first.
+        """
+        throttle = self.throttle(max_clients=100, max_accounts=50)
+        self.fail_times(throttle, "198.51.100.1", "a@example.org", 5)
+        for i in range(1000):
+            self.clock.advance(0.01)
+            throttle.failed(f"2001:db8:{i:x}::1", f"user{i}@example.org")
+        self.assertEqual(throttle.tracked, (100, 50))
+        self.assertFalse(throttle.refused("198.51.100.1"))
+
+    def test_memory_cap_keeps_the_newest(self) -> None:
+        """Under the cap, the most recent failing clients are the ones still counted."""
+        throttle = self.throttle(max_clients=10)
+        for i in range(20):
+            self.clock.advance(1)
+            self.fail_times(throttle, f"192.0.2.{i}", "a@example.org", 5)
+        self.assertTrue(all(throttle.refused(f"192.0.2.{i}") for i in range(10, 20)))
+        self.assertFalse(any(throttle.refused(f"192.0.2.{i}") for i in range(10)))
+
+    def test_expired_entries_are_dropped(self) -> None:
+        """Clients and accounts whose failures left the window take no memory."""
+        throttle = self.throttle()
+        for i in range(50):
+            throttle.failed(f"192.0.2.{i}", f"user{i}@example.org")
+        self.assertEqual(throttle.tracked, (50, 50))
+        self.clock.advance(600)
+        self.assertEqual(throttle.tracked, (0, 0))
+
+    def test_history_per_entry_is_bounded(self) -> None:
+        """
+        Endless failures for one account from one client keep a bounded history: the client
+        stays refused and the account's delay stays at the cap.
+        """
+        throttle = self.throttle(delay=1.0, max_delay=8.0)
+        for _ in range(10_000):
+            delay = throttle.failed("192.0.2.1", "alice@example.org")
+        self.assertEqual(delay, 8.0)
+        self.assertLessEqual(len(throttle._clients[client_key("192.0.2.1")]), 5)
+        self.assertLessEqual(len(throttle._accounts["alice@example.org"]), 5 + 3)
+        self.assertTrue(throttle.refused("192.0.2.1"))
+
+    def test_max_failures_must_be_positive(self) -> None:
+        """A throttle that would refuse everyone is a programming error."""
+        self.assertRaises(ValueError, AuthThrottle, self.clock, max_failures=0)

@@ -1,0 +1,204 @@
+# -*- test-case-name: tests.test_auth -*-
+"""
+Authentication of users for mail retrieval and submission (POP3, IMAP, SMTP AUTH).
+
+L{Authenticator.authenticate} is what protocols call: it asks the L{AuthThrottle} whether the
+client may try at all, logs in through a C{twisted.cred} L{Portal} whose checker verifies the
+password against the directory (argon2id, in the I/O thread pool, never on the reactor thread),
+and delays the reply to a failure. The avatar is the account's address (L{IAccount}).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.credentials import IUsernamePassword, UsernamePassword
+from twisted.cred.error import UnauthorizedLogin
+from twisted.cred.portal import IRealm, Portal
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.threadpool import ThreadPool
+from zope.interface import Attribute, Interface, implementer
+
+from mailserver import log
+from mailserver.directory import DirectoryError, normalize_address
+from mailserver.limits import AuthThrottle
+
+
+class Throttled(Exception):
+    """Too many failed logins from this client: try again later."""
+
+
+class LoginFailed(Exception):
+    """Wrong user name or password."""
+
+
+class PasswordDirectory(Protocol):
+    """What authentication needs of the directory (L{mailserver.directory.SQLiteDirectory})."""
+
+    def verify_password(self, address: str, password: str | bytes) -> bool:
+        """Blocking: whether C{password} is the password of account C{address}."""
+        ...
+
+
+class IAccount(Interface):
+    """The avatar of a logged-in user: the account whose mail it may read."""
+
+    address = Attribute("The account, as C{local@domain} in the directory's form.")
+
+
+@implementer(IAccount)
+@dataclass(frozen=True, slots=True)
+class Account:
+    address: str
+
+
+def account_name(username: str, primary_domain: str) -> str:
+    """
+    The account a login name means: C{local@domain} in the directory's form; a bare local part
+    (C{alice}) is an account of the primary domain.
+
+    @raise DirectoryError: C{username} cannot name an account.
+    """
+    name = username.strip()
+    if "@" not in name and primary_domain:
+        name = f"{name}@{primary_domain}"
+    return normalize_address(name)
+
+
+@implementer(ICredentialsChecker)
+class DirectoryChecker:
+    """
+    Checks user names and passwords against the directory. The avatar id is the account's
+    address (UTF-8); the user name must already be in the directory's form (L{account_name}).
+    """
+
+    credentialInterfaces = (IUsernamePassword,)
+
+    def __init__(
+        self, directory: PasswordDirectory, reactor: IReactorFromThreads, pool: ThreadPool
+    ) -> None:
+        self._directory = directory
+        self._reactor = reactor
+        self._pool = pool
+
+    def requestAvatarId(self, credentials: Any) -> Deferred[bytes | tuple[()]]:
+        """
+        Verify C{credentials} (L{IUsernamePassword}) in the thread pool.
+
+        @return: fires with the address, or fails with L{UnauthorizedLogin}.
+        """
+        creds = IUsernamePassword(credentials)
+        username = creds.username
+        password = creds.password
+        d: Deferred[bool] = deferToThreadPool(
+            self._reactor,
+            self._pool,
+            self._directory.verify_password,
+            username.decode("utf-8", "surrogatepass"),
+            password,
+        )
+
+        def verdict(ok: bool) -> bytes | tuple[()]:
+            if not ok:
+                raise UnauthorizedLogin()
+            return username
+
+        return d.addCallback(verdict)
+
+
+@implementer(IRealm)
+class AccountRealm:
+    """Gives the L{Account} for an avatar id from L{DirectoryChecker}."""
+
+    def requestAvatar(
+        self,
+        avatarId: bytes | tuple[()],  # noqa: N803 (twisted.cred names it so)
+        mind: object,
+        *interfaces: type[Interface],
+    ) -> tuple[type[Interface], object, Any]:
+        if IAccount not in interfaces or not isinstance(avatarId, bytes):
+            raise NotImplementedError("only IAccount avatars for named users")
+        return IAccount, Account(avatarId.decode("utf-8", "surrogatepass")), _no_logout
+
+
+def _no_logout() -> None:
+    """An L{Account} holds nothing to let go of."""
+
+
+class Authenticator:
+    """
+    Logs users in for the protocols: throttled per client, checked through C{twisted.cred} on
+    the directory, failures answered late.
+    """
+
+    def __init__(
+        self,
+        directory: PasswordDirectory,
+        reactor: IReactorFromThreads,
+        pool: ThreadPool,
+        throttle: AuthThrottle,
+        primary_domain: str,
+        *,
+        clock: IReactorTime | None = None,
+    ) -> None:
+        """
+        @param reactor: runs the password checks' results back on the reactor thread; also the
+            clock for the delays unless C{clock} is given.
+        @param pool: the thread pool the checks run in.
+        @param primary_domain: the domain of bare user names (C{alice}); C{""} for none, and
+            then a bare name is no account.
+        @param clock: the clock the failure delays wait on (default: C{reactor}).
+        """
+        self._clock = clock if clock is not None else IReactorTime(reactor)
+        self._throttle = throttle
+        self._primary_domain = primary_domain.strip().lower()
+        self.portal = Portal(AccountRealm(), [DirectoryChecker(directory, reactor, pool)])
+
+    def authenticate(self, peer_host: str, username: str, password: str) -> Deferred[str]:
+        """
+        Log C{username} in with C{password}, for a client at C{peer_host}.
+
+        @return: fires with the account address (C{local@domain}); fails at once with
+            L{Throttled} when the client has failed too often lately (no password is checked),
+            or with L{LoginFailed} for an unknown user or a wrong password, after the
+            throttle's delay.
+        """
+        return Deferred.fromCoroutine(self._authenticate(peer_host, username, password))
+
+    async def _authenticate(self, peer_host: str, username: str, password: str) -> str:
+        attempt = self._throttle.attempt(peer_host)
+        if attempt is None:
+            log.auth_throttled(peer_host, username)
+            raise Throttled()
+        try:
+            try:
+                account = account_name(username, self._primary_domain)
+            except DirectoryError:
+                # Not an account; checked all the same (the directory spends a dummy hash on
+                # it), so that a bad name takes as long as a wrong password.
+                account = username.strip().lower()
+            # surrogatepass never fails, and what it makes of a lone surrogate is not UTF-8,
+            # so it can match no stored name or password.
+            credentials = UsernamePassword(
+                account.encode("utf-8", "surrogatepass"),
+                password.encode("utf-8", "surrogatepass"),
+            )
+            _, avatar, _ = await self.portal.login(credentials, None, IAccount)
+        except UnauthorizedLogin:
+            delay = attempt.failed(account)
+            log.auth_failed(peer_host, username)
+            if delay > 0:
+                await deferLater(self._clock, delay)
+            raise LoginFailed()
+        except BaseException:
+            attempt.abandon()
+            raise
+        attempt.succeeded(account)
+        address: str = IAccount(avatar).address
+        log.auth_succeeded(peer_host, address)
+        return address
