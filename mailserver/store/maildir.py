@@ -59,7 +59,7 @@ def mailbox_path(root: Path, account: str) -> Path:
     return root / domain / local
 
 
-class _NameGenerator:
+class NameGenerator:
     """Unique maildir base names: C{<sec>.M<usec>P<pid>Q<n>R<rand>.<host>}."""
 
     def __init__(self) -> None:
@@ -76,6 +76,10 @@ class _NameGenerator:
         )
 
 
+unique_name = NameGenerator()
+"""Unique maildir base names for this process (deliveries, APPEND, copies)."""
+
+
 @implementer(IMailStore)
 class MaildirStore:
     """
@@ -89,7 +93,7 @@ class MaildirStore:
         self.root = root
         self._reactor = reactor
         self._pool = pool
-        self._names = _NameGenerator()
+        self._names = unique_name
         self._ready: set[Path] = set()
         self._ready_lock = threading.Lock()
         self._dir_sync = DirectorySync()
