@@ -9,6 +9,7 @@ own C{Return-Path:} and C{Delivered-To:}, and fires only when every copy is dura
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from twisted.internet.defer import Deferred
@@ -32,9 +33,11 @@ class LocalDelivery:
         mail_from: str,
         message_id: str,
         spill_dir: Path | None,
+        notify: Callable[[str], None] | None = None,
     ) -> None:
         self._directory = directory
         self._store = store
+        self._notify = notify
         self._mail_from = mail_from
         self._message_id = message_id
         self._accounts: dict[str, None] = {}  # ordered set
@@ -65,6 +68,9 @@ class LocalDelivery:
             for (account, _), name in zip(targets, names, strict=True):
                 log.delivered(self._message_id, account, name, self._body.size)
             self._body.close()
+            if self._notify is not None:
+                for account, _ in targets:
+                    self._notify(account)
 
         def failed(f: Failure) -> Failure:
             self._body.close()
@@ -80,10 +86,23 @@ class LocalDelivery:
 class LocalDeliveryAgent:
     """Opens L{LocalDelivery} transactions on one directory and one store."""
 
-    def __init__(self, directory: IDirectory, store: IMailStore, spill_dir: Path | None) -> None:
+    def __init__(
+        self,
+        directory: IDirectory,
+        store: IMailStore,
+        spill_dir: Path | None,
+        notify: Callable[[str], None] | None = None,
+    ) -> None:
+        """
+        @param notify: called with each account once a message is durably in its INBOX (the
+            mailbox store tells the sessions watching it).
+        """
         self._directory = directory
         self._store = store
         self._spill_dir = spill_dir
+        self._notify = notify
 
     def begin(self, mail_from: str, message_id: str) -> IDelivery:
-        return LocalDelivery(self._directory, self._store, mail_from, message_id, self._spill_dir)
+        return LocalDelivery(
+            self._directory, self._store, mail_from, message_id, self._spill_dir, self._notify
+        )

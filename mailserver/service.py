@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
@@ -21,12 +21,15 @@ from twisted.python.threadpool import ThreadPool
 from typing_extensions import override
 
 from mailserver import log
+from mailserver.auth import Authenticator
 from mailserver.config import Config, ListenerConfig
 from mailserver.delivery import LocalDeliveryAgent
 from mailserver.directory import SQLiteDirectory, open_directory
-from mailserver.limits import ConnectionLimiter
+from mailserver.limits import AuthThrottle, ConnectionLimiter
+from mailserver.pop3.server import MailboxLocks, OpenMailbox, POP3Factory, POP3Settings
 from mailserver.smtp.server import SessionTracker, SMTPFactory, SMTPSettings
 from mailserver.store.durable import atomic_write, make_dirs_durably
+from mailserver.store.mailbox import MailboxStore
 from mailserver.store.maildir import MaildirStore
 from mailserver.tls import ServerTLS, server_tls_from_config
 
@@ -97,11 +100,13 @@ class MailService(MultiService):
         tracker: SessionTracker,
         grace: float,
         tls: ServerTLS | None,
+        mailboxes: MailboxStore,
     ) -> None:
         super().__init__()
         self._clock = clock
         self.pool = pool
         self.directory = directory
+        self.mailboxes = mailboxes
         self.tracker = tracker
         self._grace = grace
         self.tls = tls
@@ -124,6 +129,7 @@ class MailService(MultiService):
             await self.tracker.drain(self._clock, self._grace)
         finally:
             self.pool.stop()
+            self.mailboxes.close()
             self.directory.close()
 
     def listener(self, kind: str, index: int = 0) -> ListenerService:
@@ -164,17 +170,38 @@ def build(config: Config, reactor: Any) -> MailService:
         tls = server_tls_from_config(config.tls, server)
 
     pool = ThreadPool(minthreads=1, maxthreads=server.io_threads, name="mailserver-io")
+    limits = config.limits
     store = MaildirStore(data_dir / "mail", reactor, pool)
-    agent = LocalDeliveryAgent(directory, store, data_dir / "tmp")
-    limiter = ConnectionLimiter(config.limits.connections, config.limits.connections_per_ip)
+    mailboxes = MailboxStore(data_dir / "mail", reactor, pool)
+    agent = LocalDeliveryAgent(directory, store, data_dir / "tmp", notify=mailboxes.delivered)
+    limiter = ConnectionLimiter(limits.connections, limits.connections_per_ip)
+    throttle = AuthThrottle(
+        reactor,
+        max_failures=limits.auth_failures,
+        window=limits.auth_window,
+        delay=limits.auth_failure_delay,
+    )
+    authenticator = Authenticator(directory, reactor, pool, throttle, server.domain)
+    pop3_locks = MailboxLocks()
     tracker = SessionTracker()
-    root = MailService(reactor, pool, directory, tracker, server.shutdown_grace, tls)
+    root = MailService(reactor, pool, directory, tracker, server.shutdown_grace, tls, mailboxes)
 
     for listener in config.listeners:
-        settings = _smtp_settings(config, listener)
-        factory: Any = SMTPFactory(
-            settings, agent, reactor, limiter, tracker, tls if listener.tls == "starttls" else None
-        )
+        starttls = tls if listener.tls == "starttls" else None
+        factory: Any
+        if listener.kind == "pop3":
+            factory = POP3Factory(
+                _pop3_settings(config, listener),
+                authenticator.authenticate,
+                cast("OpenMailbox", mailboxes.open_folder),  # a Folder is a MailboxView
+                reactor,
+                limiter,
+                pop3_locks,
+                starttls,
+            )
+        else:
+            settings = _smtp_settings(config, listener)
+            factory = SMTPFactory(settings, agent, reactor, limiter, tracker, starttls)
         if listener.tls == "implicit":
             assert tls is not None
             factory = TLSMemoryBIOFactory(tls, False, factory)
@@ -192,6 +219,18 @@ def _smtp_settings(config: Config, listener: ListenerConfig) -> SMTPSettings:
         max_recipients=limits.recipients,
         idle_timeout=limits.smtp_idle_timeout,
         max_errors=limits.smtp_errors,
+    )
+
+
+def _pop3_settings(config: Config, listener: ListenerConfig) -> POP3Settings:
+    limits = config.limits
+    return POP3Settings(
+        hostname=config.server.hostname,
+        tls_mode=listener.tls,
+        allow_plaintext_auth=listener.allow_plaintext_auth,
+        max_line=limits.pop3_line_length,
+        idle_timeout=limits.pop3_idle_timeout,
+        max_errors=limits.pop3_errors,
     )
 
 

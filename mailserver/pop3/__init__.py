@@ -1,0 +1,1 @@
+"""POP3: the retrieval protocol (RFC 1939) over the mailbox store."""
