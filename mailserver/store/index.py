@@ -225,7 +225,7 @@ def folder_directory(root: Path, name: str) -> Path:
     """
     if name == INBOX:
         return root
-    parts = [p.replace(".", "%2E").replace("%", "%25") for p in name.split(SEPARATOR)]
+    parts = [p.replace("%", "%25").replace(".", "%2E") for p in name.split(SEPARATOR)]
     return root / ("." + ".".join(parts))
 
 
