@@ -17,7 +17,7 @@ from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword, UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import IRealm, Portal
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredSemaphore
 from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThreadPool
@@ -80,11 +80,21 @@ class DirectoryChecker:
     credentialInterfaces = (IUsernamePassword,)
 
     def __init__(
-        self, directory: PasswordDirectory, reactor: IReactorFromThreads, pool: ThreadPool
+        self,
+        directory: PasswordDirectory,
+        reactor: IReactorFromThreads,
+        pool: ThreadPool,
+        concurrency: int = 2,
     ) -> None:
+        """
+        @param concurrency: password checks running at once. Each argon2id check takes tens
+            of milliseconds and 64 MiB; a bound keeps a burst of logins from taking every I/O
+            thread (deliveries wait for those) and from multiplying that memory.
+        """
         self._directory = directory
         self._reactor = reactor
         self._pool = pool
+        self._slots = DeferredSemaphore(max(1, concurrency))
 
     def requestAvatarId(self, credentials: Any) -> Deferred[bytes | tuple[()]]:
         """
@@ -95,7 +105,8 @@ class DirectoryChecker:
         creds = IUsernamePassword(credentials)
         username = creds.username
         password = creds.password
-        d: Deferred[bool] = deferToThreadPool(
+        d: Deferred[bool] = self._slots.run(
+            deferToThreadPool,
             self._reactor,
             self._pool,
             self._directory.verify_password,

@@ -147,8 +147,11 @@ class AuthenticatorTests(TestCase):
         Let the real reactor run until C{d} has fired or the clock holds more than C{delayed}
         calls (a failure's delay has begun).
         """
+        done: list[bool] = []
+        if d is not None:
+            d.addBoth(lambda result: done.append(True) or result)
         for _ in range(2000):
-            if (d is not None and d.called) or len(self.clock.getDelayedCalls()) > delayed:
+            if done or len(self.clock.getDelayedCalls()) > delayed:
                 return
             await deferLater(reactor, 0.005, lambda: None)  # type: ignore[arg-type]
         self.fail("the login neither finished nor began its delay")
@@ -361,3 +364,45 @@ class AuthenticatorTests(TestCase):
         self.assertNotIn("\n", event["username"])
         self.assertNotIn("\r", event["username"])
         self.assertIn("203.0.113.66", event["username"])
+
+
+class SlowDirectory:
+    """Password checks that wait until the test lets them go, counting how many overlap."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.lock = threading.Lock()
+        self.running = 0
+        self.most = 0
+
+    def verify_password(self, address: str, password: str | bytes) -> bool:
+        with self.lock:
+            self.running += 1
+            self.most = max(self.most, self.running)
+        self.release.wait(10)
+        with self.lock:
+            self.running -= 1
+        return password == PASSWORD.encode()
+
+
+class CheckConcurrencyTests(TestCase):
+    async def test_password_checks_are_bounded(self) -> None:
+        """
+        However many logins arrive at once, at most C{concurrency} argon2id checks run at a
+        time, so the other I/O threads stay free for deliveries.
+        """
+        pool = ThreadPool(minthreads=1, maxthreads=8, name="test-auth-bound")
+        pool.start()
+        self.addCleanup(pool.stop)
+        directory = SlowDirectory()
+        checker = DirectoryChecker(directory, reactor, pool, concurrency=2)  # type: ignore[arg-type]
+        checks = [
+            checker.requestAvatarId(UsernamePassword(b"alice@example.org", PASSWORD.encode()))
+            for _ in range(6)
+        ]
+        await deferLater(reactor, 0.2, lambda: None)  # type: ignore[arg-type]
+        self.assertEqual(directory.running, 2)
+        directory.release.set()
+        for d in checks:
+            self.assertEqual(await d, b"alice@example.org")
+        self.assertEqual(directory.most, 2)

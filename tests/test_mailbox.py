@@ -140,14 +140,14 @@ class FolderTests(MailboxStoreTestCase):
         self.assertEqual(folder.name, INBOX)
         self.assertEqual([m.uid for m in folder.messages], [1, 2])
         self.assertEqual(
-            folder.path(2).read_bytes(), b"Delivered-To: x\r\nSubject: two\r\n\r\n2\r\n"
+            Path(folder.path(2)).read_bytes(), b"Delivered-To: x\r\nSubject: two\r\n\r\n2\r\n"
         )
-        self.assertEqual(folder.messages[0].size, folder.path(1).stat().st_size)
+        self.assertEqual(folder.messages[0].size, Path(folder.path(1)).stat().st_size)
         await self.deliver(ALICE)
         self.assertEqual(len(folder.messages), 2)  # a view, until refreshed
         state = await folder.refresh()
         self.assertEqual([m.uid for m in state.messages], [1, 2, 3])
-        self.assertTrue(folder.path(3).is_file())
+        self.assertTrue(Path(folder.path(3)).is_file())
 
     async def test_folders_and_status(self) -> None:
         """Folders created through the store are listed; status picks up new mail."""
@@ -172,7 +172,7 @@ class FolderTests(MailboxStoreTestCase):
         target = await self.store.open_folder(ALICE, "Target")
         self.assertEqual([m.uid for m in target.messages], [1, 2, 3])
         for uid in (1, 2, 3):
-            self.assertTrue(target.path(uid).is_file())
+            self.assertTrue(Path(target.path(uid)).is_file())
 
 
 class NotificationTests(MailboxStoreTestCase):
@@ -294,4 +294,4 @@ class EvictionTests(MailboxStoreTestCase):
         self.assertEqual([m.uid for m in b_state.messages], [1, 2, 3, 4, 5, 6])
         self.assertEqual(a_state.messages[0].flags, {SEEN})
         self.assertEqual(b_state.messages[0].flags, frozenset())
-        self.assertTrue(a.path(1).is_file() and b.path(6).is_file())
+        self.assertTrue(Path(a.path(1)).is_file() and Path(b.path(6)).is_file())

@@ -1230,6 +1230,36 @@ class TransactionTests(POP3TestCase):
         self.assertTrue(bytewise.closed)
 
 
+class ReadAheadTests(POP3TestCase):
+    """After a RETR, the next message is read while the client takes in the answer."""
+
+    def test_next_message_is_read_ahead(self) -> None:
+        """
+        Once RETR 1 is answered, message 2 is already read and framed: RETR 2 is answered
+        exactly even though its file is gone by then (the session's snapshot is what counts),
+        while RETR 3 without a read-ahead (its file removed before RETR 2) gets -ERR.
+        """
+        client = self.logged_in()
+        client.send(b"RETR 1\r\n")
+        self.assertEqual(client.take(), retr(M1))
+        self.mailboxes[ALICE].remove(12)
+        client.send(b"RETR 2\r\n")
+        self.assertEqual(client.take(), retr(M2))
+
+    def test_no_read_ahead_of_deleted_or_missing_messages(self) -> None:
+        """A message deleted after it was read ahead is refused; the end of the list is fine."""
+        client = self.logged_in()
+        client.send(b"RETR 2\r\n")
+        self.assertEqual(client.take(), retr(M2))
+        client.send(b"DELE 3\r\nRETR 3\r\nRETR 3\r\n")
+        self.assertEqual(
+            client.take(),
+            b"+OK Message 3 deleted\r\n-ERR Message is deleted\r\n-ERR Message is deleted\r\n",
+        )
+        client.send(b"RSET\r\nRETR 3\r\nRETR 1\r\n")
+        self.assertEqual(client.take(), b"+OK 3 messages\r\n" + retr(M3) + retr(M1))
+
+
 class LargeMessageTests(POP3TestCase):
     """Messages past 256 KiB: streamed from the file by a producer, with backpressure."""
 
