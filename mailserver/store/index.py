@@ -28,6 +28,7 @@ Crash safety of the mutations:
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -274,6 +275,8 @@ class MailIndex:
         make_dirs_durably(root)
         for sub in ("cur", "new", "tmp"):
             make_dirs_durably(root / sub)
+        for leftover in (root / "tmp").glob("deleted-*"):
+            _remove_tree(leftover)  # a folder deletion a crash interrupted
         self.path = root / "index.sqlite"
         try:
             self._db = self._connect()
@@ -307,6 +310,7 @@ class MailIndex:
         self._db = db
         if self._folder_row(INBOX) is None:
             self._rebuild_folders()
+        self._finish_renames()
         return db
 
     def close(self) -> None:
@@ -433,15 +437,30 @@ class MailIndex:
             for (n,) in self._db.execute("SELECT name FROM folders").fetchall()
             if n == old or n.startswith(prefix)
         ]
-        for name in sorted(moving, key=len):
-            target = new + name[len(old) :]
-            os.rename(folder_directory(self.root, name), folder_directory(self.root, target))
+        pairs = [(name, new + name[len(old) :]) for name in moving]
+        # The index first, with the directory renames it implies as a pending intent; then
+        # the renames; a crash in between is rolled forward by the next open.
+        with self._transaction() as db:
+            for name, target in pairs:
+                db.execute("UPDATE folders SET name = ? WHERE name = ?", (target, name))
+            db.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES ('rename_pending', ?)",
+                (json.dumps(pairs),),
+            )
+        self._finish_renames()
+
+    def _finish_renames(self) -> None:
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'rename_pending'").fetchone()
+        if row is None:
+            return
+        for name, target in json.loads(row[0]):
+            src = folder_directory(self.root, name)
+            dst = folder_directory(self.root, target)
+            if src.exists() and not dst.exists():
+                os.rename(src, dst)
         fsync_dir(self.root)
         with self._transaction() as db:
-            for name in moving:
-                db.execute(
-                    "UPDATE folders SET name = ? WHERE name = ?", (new + name[len(old) :], name)
-                )
+            db.execute("DELETE FROM meta WHERE key = 'rename_pending'")
 
     def set_subscribed(self, name: str, subscribed: bool) -> None:
         name = check_folder_name(name)
@@ -471,6 +490,9 @@ class MailIndex:
             (folder_id,),
         ).fetchone()
         return count, octets, uidvalidity, uidnext, highestmodseq
+
+    def uidvalidity(self, name: str) -> int:
+        return self._require_folder(name)[1]
 
     def unseen(self, name: str) -> int:
         folder_id = self._require_folder(name)[0]

@@ -177,8 +177,19 @@ class MailboxStore:
             index.sync(name)
             return index.state(name)
 
-        d = self.run(account, look)
-        return d.addCallback(lambda state: Folder(self, account, state, listener))
+        # Subscribe before looking, so that no change between the look and the subscription
+        # goes unannounced.
+        unsubscribe = self.subscribe(account, name, listener) if listener is not None else None
+
+        def opened(state: FolderState) -> Folder:
+            return Folder(self, account, state, listener, unsubscribe)
+
+        def failed(f: Failure) -> Failure:
+            if unsubscribe is not None:
+                unsubscribe()
+            return f
+
+        return self.run(account, look).addCallbacks(opened, failed)
 
     def create_folder(self, account: str, name: str, special_use: str = "") -> Deferred[None]:
         return self.run(account, lambda index: index.create_folder(name, special_use))
@@ -213,7 +224,7 @@ class MailboxStore:
 
         def add(index: MailIndex) -> tuple[int, MessageInfo]:
             info = index.append(name, write, flags, internaldate)
-            return index.status(name)[2], info
+            return index.uidvalidity(name), info
 
         d = self.run(account, add)
         return d.addCallback(self._notify_then(account, check_folder_name(name), None))
@@ -241,6 +252,7 @@ class Folder:
         account: str,
         state: FolderState,
         listener: Listener | None = None,
+        unsubscribe: Callable[[], None] | None = None,
     ) -> None:
         self.store = store
         self.account = account
@@ -249,8 +261,8 @@ class Folder:
         self._paths: dict[int, str] | None = None
         self._cur: str | None = None
         self._listener = listener
-        self._unsubscribe: Callable[[], None] | None = None
-        if listener is not None:
+        self._unsubscribe = unsubscribe
+        if listener is not None and unsubscribe is None:
             self._unsubscribe = store.subscribe(account, self.name, listener)
 
     @property
@@ -333,7 +345,7 @@ class Folder:
 
         def transfer(index: MailIndex) -> tuple[int, list[tuple[int, int]]]:
             pairs = index.copy(name, uid_list, target, move=move)
-            return index.status(target)[2], pairs
+            return index.uidvalidity(target), pairs
 
         d = self._run(transfer, notify=move)
         return d.addCallback(self.store._notify_then(self.account, target, None))
