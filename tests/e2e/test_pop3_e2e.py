@@ -380,3 +380,47 @@ class POP3Tests(TestCase):
         for n, data in enumerate(fetched, 1):
             self.assertIn(f"Subject: message {n}".encode(), data)
         self.assertEqual(len(stored_files(server)), 2)  # "keep"
+
+
+class PlaintextListenerTests(TestCase):
+    async def test_plaintext_listener_allowed_by_config(self) -> None:
+        """
+        A listener with tls = "none" and allow_plaintext_auth = true (a trusted network)
+        takes USER/PASS without TLS; one without the setting refuses them.
+        """
+        listeners = """
+[[listener]]
+kind = "smtp"
+endpoint = "tcp:0:interface=127.0.0.1"
+tls = "none"
+
+[[listener]]
+kind = "pop3"
+endpoint = "tcp:0:interface=127.0.0.1"
+tls = "none"
+allow_plaintext_auth = true
+
+[[listener]]
+kind = "pop3"
+endpoint = "tcp:0:interface=127.0.0.1"
+tls = "none"
+"""
+        server = await start_server(self, listeners=listeners)
+        await in_thread(send, server, 1)
+
+        def read(port: int) -> str:
+            p = poplib.POP3("127.0.0.1", port, timeout=10)
+            try:
+                p.user(ALICE)
+                p.pass_(PASSWORD)
+                _, lines, _ = p.retr(1)
+                p.quit()
+                return (b"\r\n".join(lines) + b"\r\n").decode()
+            except poplib.error_proto as e:
+                return str(e)
+
+        allowed = await in_thread(read, server.port("pop3", 0))
+        [stored] = stored_files(server).values()
+        self.assertEqual(allowed.encode(), stored)
+        refused = await in_thread(read, server.port("pop3", 1))
+        self.assertIn("[AUTH]", refused)
