@@ -1,0 +1,206 @@
+# -*- test-case-name: tests.test_imap_selected -*-
+"""
+The selected mailbox as one IMAP session sees it (RFC 3501 §2.3.1.2, §7.4.1; RFC 7162).
+
+A session numbers the messages it knows 1..N (message sequence numbers, MSN) in UID order, and
+that numbering may change only when the session tells its client: C{* n EXPUNGE} (or
+C{* VANISHED} with QRESYNC), C{* N EXISTS}, and C{* n FETCH (FLAGS ...)} for flags changed by
+someone else. L{SelectedMailbox} keeps that view and turns a fresh L{FolderState} from the store
+into exactly those untagged responses, holding back expunges while the command in progress may
+not announce them (FETCH, STORE, SEARCH by sequence number: RFC 3501 §7.4.1).
+
+No I/O here: the session asks the store for a state and writes what this returns.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from mailserver.store.index import FolderState, MessageInfo
+
+Range = tuple[int | None, int | None]
+"""One element of a sequence set: (first, last), C{None} standing for C{*}."""
+
+
+def flag_list(flags: Iterable[str]) -> str:
+    """C{(\\Seen \\Flagged $Label)}: system flags first, then keywords, each sorted."""
+    ordered = sorted(flags, key=lambda f: (not f.startswith("\\"), f.lower()))
+    return "(" + " ".join(ordered) + ")"
+
+
+def compress_uids(uids: Iterable[int]) -> str:
+    """C{1:3,7,9:10}: a UID set in its shortest form (for VANISHED, COPYUID, SEARCH results)."""
+    out: list[str] = []
+    run_start: int | None = None
+    prev = 0
+    for uid in sorted(set(uids)):
+        if run_start is None:
+            run_start = prev = uid
+        elif uid == prev + 1:
+            prev = uid
+        else:
+            out.append(f"{run_start}:{prev}" if prev != run_start else str(run_start))
+            run_start = prev = uid
+    if run_start is not None:
+        out.append(f"{run_start}:{prev}" if prev != run_start else str(run_start))
+    return ",".join(out)
+
+
+@dataclass(slots=True)
+class Updates:
+    """What to tell the client after a refresh, in the order it must be sent."""
+
+    lines: list[bytes]
+    expunged: list[int]
+    """UIDs whose expunge was announced."""
+    pending_expunges: bool
+    """Some expunges are held back until a command that may announce them."""
+
+
+class SelectedMailbox:
+    """
+    One session's view of its selected folder.
+
+    @param state: the folder as the store saw it at SELECT.
+    @param read_only: EXAMINE (or a SELECT of a read-only folder).
+    @param condstore: the client enabled CONDSTORE or QRESYNC (MODSEQ in FETCH responses).
+    @param qresync: the client enabled QRESYNC (VANISHED instead of EXPUNGE).
+    """
+
+    def __init__(
+        self,
+        state: FolderState,
+        read_only: bool = False,
+        condstore: bool = False,
+        qresync: bool = False,
+    ) -> None:
+        self.name = state.name
+        self.read_only = read_only
+        self.condstore = condstore or qresync
+        self.qresync = qresync
+        self.uidvalidity = state.uidvalidity
+        self.uidnext = state.uidnext
+        self.highestmodseq = state.highestmodseq
+        self.uids: list[int] = [m.uid for m in state.messages]
+        self.messages: dict[int, MessageInfo] = {m.uid: m for m in state.messages}
+        self._gone: set[int] = set()  # expunged in the store, not yet announced
+
+    # -- numbers ---------------------------------------------------------------------------
+
+    @property
+    def exists(self) -> int:
+        return len(self.uids)
+
+    def msn(self, uid: int) -> int:
+        """The sequence number of C{uid} (0 if the session does not know it)."""
+        i = bisect.bisect_left(self.uids, uid)
+        return i + 1 if i < len(self.uids) and self.uids[i] == uid else 0
+
+    def resolve(self, ranges: Sequence[Range], uid: bool) -> list[int]:
+        """
+        The UIDs a sequence set (C{uid=False}: sequence numbers) or UID set names, ascending,
+        without duplicates. C{*} is the last message (the highest UID for a UID set, and for
+        an empty mailbox a UID set's C{*} matches nothing... except that C{n:*} always
+        includes the highest UID, as RFC 3501 §6.4.8 asks).
+        """
+        if not self.uids:
+            return []
+        out: set[int] = set()
+        if uid:
+            top = self.uids[-1]
+            for first, last in ranges:
+                a = top if first is None else first
+                b = top if last is None else last
+                lo, hi = min(a, b), max(a, b)
+                i = bisect.bisect_left(self.uids, lo)
+                j = bisect.bisect_right(self.uids, hi)
+                out.update(self.uids[i:j])
+        else:
+            n = len(self.uids)
+            for first, last in ranges:
+                a = n if first is None else first
+                b = n if last is None else last
+                lo, hi = max(1, min(a, b)), min(n, max(a, b))
+                if lo <= hi:
+                    out.update(self.uids[lo - 1 : hi])
+        return sorted(out)
+
+    def valid_msns(self, ranges: Sequence[Range]) -> bool:
+        """Whether every sequence number of a sequence set exists (else the command is BAD)."""
+        n = len(self.uids)
+        for first, last in ranges:
+            for value in (first, last):
+                if value is not None and not 1 <= value <= n:
+                    return False
+        return True
+
+    # -- changes ---------------------------------------------------------------------------
+
+    def fetch_flags_line(self, info: MessageInfo, with_uid: bool) -> bytes:
+        parts = []
+        if with_uid:
+            parts.append(f"UID {info.uid}")
+        parts.append("FLAGS " + flag_list(info.flags))
+        if self.condstore:
+            parts.append(f"MODSEQ ({info.modseq})")
+        return f"* {self.msn(info.uid)} FETCH ({' '.join(parts)})\r\n".encode()
+
+    def update(self, state: FolderState, allow_expunge: bool, uid_command: bool) -> Updates:
+        """
+        Take in the folder's new C{state} and return what to tell the client: EXPUNGE (or
+        VANISHED) for messages gone (when C{allow_expunge}; else they stay, numbered, until a
+        later update may announce them), FETCH FLAGS for messages whose flags someone changed,
+        EXISTS when messages were added.
+
+        @param uid_command: the command in progress is a UID command (its FETCH responses
+            carry the UID anyway).
+        """
+        lines: list[bytes] = []
+        now = {m.uid: m for m in state.messages}
+        gone = {u for u in self.uids if u not in now}
+        self._gone |= gone
+        announced: list[int] = []
+        if self._gone and allow_expunge:
+            announced = sorted(self._gone)
+            if self.qresync:
+                lines.append(f"* VANISHED {compress_uids(announced)}\r\n".encode())
+                gone_set = set(announced)
+                self.uids = [u for u in self.uids if u not in gone_set]
+            else:
+                # Highest first: each EXPUNGE renumbers the messages after it.
+                for uid in reversed(announced):
+                    n = self.msn(uid)
+                    if n:
+                        lines.append(f"* {n} EXPUNGE\r\n".encode())
+                        del self.uids[n - 1]
+            for uid in announced:
+                self.messages.pop(uid, None)
+            self._gone.clear()
+        # Flag changes of messages the session knows (and that still exist).
+        for uid in self.uids:
+            new = now.get(uid)
+            old = self.messages.get(uid)
+            if new is None or old is None:
+                continue
+            if new.flags != old.flags or (self.condstore and new.modseq != old.modseq):
+                self.messages[uid] = new
+                if new.flags != old.flags or self.condstore:
+                    lines.append(self.fetch_flags_line(new, uid_command or self.qresync))
+        # New messages: UIDs above the highest the session knows.
+        top = self.uids[-1] if self.uids else 0
+        added = [m for m in state.messages if m.uid > top]
+        if added:
+            for m in added:
+                self.uids.append(m.uid)
+                self.messages[m.uid] = m
+            lines.append(f"* {len(self.uids)} EXISTS\r\n".encode())
+        self.uidnext = max(self.uidnext, state.uidnext)
+        self.highestmodseq = max(self.highestmodseq, state.highestmodseq)
+        return Updates(lines, announced, bool(self._gone))
+
+    def own_flags(self, info: MessageInfo) -> None:
+        """This session changed a message's flags itself (its STORE reply says so)."""
+        if info.uid in self.messages:
+            self.messages[info.uid] = info
