@@ -18,10 +18,10 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-ListenerKind = Literal["smtp", "pop3"]
+ListenerKind = Literal["smtp", "pop3", "imap"]
 TLSMode = Literal["starttls", "implicit", "none"]
 
-LISTENER_KINDS: tuple[str, ...] = ("smtp", "pop3")
+LISTENER_KINDS: tuple[str, ...] = ("smtp", "pop3", "imap")
 TLS_MODES: tuple[str, ...] = ("starttls", "implicit", "none")
 
 
@@ -90,6 +90,12 @@ class LimitsConfig:
     """Seconds a POP3 client may stay silent (RFC 1939 §3 asks at least 10 minutes)."""
     pop3_errors: int = 10
     """Bad commands in one POP3 session before -ERR and close."""
+    imap_line_length: int = 64 * 1024
+    """Longest IMAP command line outside literals (literals are limited by message_size)."""
+    imap_idle_timeout: float = 1800.0
+    """Seconds an IMAP client may stay silent, IDLE included (RFC 3501 §5.4: at least 30 min)."""
+    imap_errors: int = 20
+    """Bad commands in one IMAP session before BYE and close."""
     auth_failures: int = 5
     """Failed logins one client (IPv4 address or IPv6 /64) may make in auth_window; then its
     logins are refused with a temporary error until the oldest failure leaves the window."""
@@ -329,6 +335,9 @@ def parse(text: str, source: str = "<string>", base_dir: Path | None = None) -> 
             "pop3_line_length": _positive_size,
             "pop3_idle_timeout": _positive_duration,
             "pop3_errors": _positive_int,
+            "imap_line_length": _positive_size,
+            "imap_idle_timeout": _positive_duration,
+            "imap_errors": _positive_int,
             "auth_failures": _positive_int,
             "auth_window": _positive_duration,
             "auth_failure_delay": parse_duration,
@@ -338,6 +347,8 @@ def parse(text: str, source: str = "<string>", base_dir: Path | None = None) -> 
         r.error("limits.smtp_line_length", "must be at least 512 (RFC 5321 §4.5.3.1.4)")
     if limits is not None and limits.pop3_line_length < 255:
         r.error("limits.pop3_line_length", "must be at least 255 (RFC 2449 §4)")
+    if limits is not None and limits.imap_line_length < 1000:
+        r.error("limits.imap_line_length", "must be at least 1000 (RFC 2683 §3.2.1.5 asks 8000)")
 
     listeners: list[ListenerConfig] = []
     raw_listeners = data.get("listener", [])
@@ -399,7 +410,8 @@ def load(path: str | os.PathLike[str]) -> Config:
 def embedded_default(cwd: Path | None = None) -> Config:
     """
     The configuration used with no file: local domain C{localhost}, data under C{./var}, high
-    ports on loopback (SMTP 2525, POP3 2110 with STLS, POP3S 2995), a self-signed certificate
+    ports on loopback (SMTP 2525, POP3 2110 with STLS, POP3S 2995, IMAP 2143 with STARTTLS,
+    IMAPS 2993), a self-signed certificate
     made on first start.
     """
     root = cwd if cwd is not None else Path.cwd()
@@ -409,6 +421,8 @@ def embedded_default(cwd: Path | None = None) -> Config:
             ListenerConfig(kind="smtp", endpoint="tcp:2525:interface=127.0.0.1"),
             ListenerConfig(kind="pop3", endpoint="tcp:2110:interface=127.0.0.1", tls="starttls"),
             ListenerConfig(kind="pop3", endpoint="tcp:2995:interface=127.0.0.1", tls="implicit"),
+            ListenerConfig(kind="imap", endpoint="tcp:2143:interface=127.0.0.1", tls="starttls"),
+            ListenerConfig(kind="imap", endpoint="tcp:2993:interface=127.0.0.1", tls="implicit"),
         ),
     )
 

@@ -25,9 +25,11 @@ from mailserver.auth import Authenticator
 from mailserver.config import Config, ListenerConfig
 from mailserver.delivery import LocalDeliveryAgent
 from mailserver.directory import SQLiteDirectory, open_directory
+from mailserver.imap.server import IMAPFactory, IMAPSettings
 from mailserver.limits import AuthThrottle, ConnectionLimiter
 from mailserver.pop3.server import MailboxLocks, OpenMailbox, POP3Factory, POP3Settings
-from mailserver.smtp.server import SessionTracker, SMTPFactory, SMTPSettings
+from mailserver.sessions import SessionTracker
+from mailserver.smtp.server import SMTPFactory, SMTPSettings
 from mailserver.store.durable import atomic_write, make_dirs_durably
 from mailserver.store.mailbox import MailboxStore
 from mailserver.store.maildir import MaildirStore
@@ -189,7 +191,17 @@ def build(config: Config, reactor: Any) -> MailService:
     for listener in config.listeners:
         starttls = tls if listener.tls == "starttls" else None
         factory: Any
-        if listener.kind == "pop3":
+        if listener.kind == "imap":
+            factory = IMAPFactory(
+                _imap_settings(config, listener),
+                authenticator.authenticate,
+                mailboxes,
+                reactor,
+                limiter,
+                starttls,
+                tracker,
+            )
+        elif listener.kind == "pop3":
             factory = POP3Factory(
                 _pop3_settings(config, listener),
                 authenticator.authenticate,
@@ -198,6 +210,7 @@ def build(config: Config, reactor: Any) -> MailService:
                 limiter,
                 pop3_locks,
                 starttls,
+                tracker,
             )
         else:
             settings = _smtp_settings(config, listener)
@@ -219,6 +232,20 @@ def _smtp_settings(config: Config, listener: ListenerConfig) -> SMTPSettings:
         max_recipients=limits.recipients,
         idle_timeout=limits.smtp_idle_timeout,
         max_errors=limits.smtp_errors,
+    )
+
+
+def _imap_settings(config: Config, listener: ListenerConfig) -> IMAPSettings:
+    limits = config.limits
+    return IMAPSettings(
+        hostname=config.server.hostname,
+        tls_mode=listener.tls,
+        allow_plaintext_auth=listener.allow_plaintext_auth,
+        max_line=limits.imap_line_length,
+        max_literal=limits.message_size,
+        idle_timeout=limits.imap_idle_timeout,
+        max_errors=limits.imap_errors,
+        spill_dir=config.server.data_dir / "tmp",
     )
 
 

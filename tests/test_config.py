@@ -229,6 +229,20 @@ class POP3AndAuthLimitsTests(SynchronousTestCase):
         self.assertEqual(len(e.exception.errors), 1)
         self.assertIn("listener[1].kind", e.exception.errors[0])
 
+    def test_imap_limits(self) -> None:
+        """The IMAP limits parse with units and refuse a line limit below 1000."""
+        cfg = c.parse(
+            MINIMAL
+            + '[limits]\nimap_line_length = "8KiB"\nimap_idle_timeout = "31m"\nimap_errors = 3\n'
+        )
+        self.assertEqual(
+            (cfg.limits.imap_line_length, cfg.limits.imap_idle_timeout, cfg.limits.imap_errors),
+            (8192, 1860.0, 3),
+        )
+        with self.assertRaises(c.ConfigError) as e:
+            c.parse(MINIMAL + "[limits]\nimap_line_length = 100\n")
+        self.assertIn("limits.imap_line_length", e.exception.errors[0])
+
     def test_render_round_trips_new_keys(self) -> None:
         """`config check` prints the new keys in a form that parses back to the same values."""
         cfg = c.parse(
@@ -246,7 +260,7 @@ class POP3AndAuthLimitsTests(SynchronousTestCase):
 
 class EmbeddedDefaultTests(SynchronousTestCase):
     def test_embedded_default(self) -> None:
-        """No file: domain localhost, data under ./var, SMTP and POP3 on high loopback ports."""
+        """No file: domain localhost, data under ./var, SMTP, POP3, IMAP on high loopback ports."""
         cfg = c.embedded_default(Path("/home/u/work"))
         self.assertEqual(cfg.server.domain, "localhost")
         self.assertEqual(cfg.server.data_dir, Path("/home/u/work/var"))
@@ -256,6 +270,8 @@ class EmbeddedDefaultTests(SynchronousTestCase):
                 ("smtp", "tcp:2525:interface=127.0.0.1", "starttls"),
                 ("pop3", "tcp:2110:interface=127.0.0.1", "starttls"),
                 ("pop3", "tcp:2995:interface=127.0.0.1", "implicit"),
+                ("imap", "tcp:2143:interface=127.0.0.1", "starttls"),
+                ("imap", "tcp:2993:interface=127.0.0.1", "implicit"),
             ],
         )
 

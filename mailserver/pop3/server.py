@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 from typing import Protocol as TypingProtocol
 
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime, ITLSTransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
@@ -34,6 +34,7 @@ from zope.interface import implementer
 from mailserver import log
 from mailserver.auth import LoginFailed, Throttled
 from mailserver.limits import ConnectionLimiter
+from mailserver.sessions import SessionTracker
 from mailserver.transport import pause, set_nodelay, write_now
 
 TLSMode = Literal["starttls", "implicit", "none"]
@@ -129,6 +130,7 @@ class POP3Factory(Factory):
         limiter: ConnectionLimiter,
         locks: MailboxLocks,
         tls: object | None = None,
+        tracker: SessionTracker | None = None,
     ) -> None:
         self.settings = settings
         self.authenticate = authenticate
@@ -137,6 +139,7 @@ class POP3Factory(Factory):
         self.limiter = limiter
         self.locks = locks
         self.tls = tls
+        self.tracker = tracker if tracker is not None else SessionTracker()
 
     @override
     def buildProtocol(self, addr: object) -> POP3Server:
@@ -224,6 +227,7 @@ class POP3Server(Protocol):
         self._out: list[bytes] = []
         self._busy = False
         self._streaming = False
+        self._closed: Deferred[None] | None = None
         self._prefetch_next = 0  # message number worth reading ahead (0: none)
         self._prefetched: tuple[int, bytes] | None = None  # (number, framed RETR answer)
         self._paused = False  # reading stopped while a reply waits (backpressure)
@@ -256,6 +260,7 @@ class POP3Server(Protocol):
             self.transport.loseConnection()
             return
         self._counted = True
+        self._f.tracker.sessions.add(self)
         self._last_input = self._clock.seconds()
         self._timer = self._clock.callLater(self._s.idle_timeout, self._check_idle)
         write_now(self.transport, b"+OK " + self._s.hostname.encode() + b" POP3 ready\r\n")
@@ -269,8 +274,35 @@ class POP3Server(Protocol):
         if self._counted:
             self._counted = False
             self._f.limiter.release(self.peer)
+            self._f.tracker.sessions.discard(self)
         if not self._expunging:
             self._release_lock()  # else when the expunge is over: nobody sees half of it
+        if self._closed is not None:
+            d, self._closed = self._closed, None
+            d.callback(None)
+
+    # -- graceful stop ---------------------------------------------------------------------
+
+    @property
+    def in_transaction(self) -> bool:
+        """The deletions of a QUIT are being made."""
+        return self._expunging
+
+    def shutdown(self) -> Deferred[None]:
+        """
+        Close for a server stop: a session in TRANSACTION state is dropped without entering
+        UPDATE (nothing is deleted, RFC 1939 §6); a QUIT's deletions under way finish first.
+        """
+        if self._state == _CLOSED:
+            return succeed(None)
+        self._closed = Deferred()
+        if not self._expunging:
+            self._close_with(b"-ERR [SYS/TEMP] Server shutting down\r\n")
+        return self._closed
+
+    def abort_now(self) -> None:
+        if self.transport is not None and self._state != _CLOSED:
+            self._close_with(b"-ERR [SYS/TEMP] Server shutting down\r\n")
 
     def _release_lock(self) -> None:
         # A dropped connection deletes nothing (RFC 1939 §6): only QUIT enters UPDATE.

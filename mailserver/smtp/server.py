@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
-from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime, ITLSTransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
@@ -29,6 +29,7 @@ from mailserver import log
 from mailserver.interfaces import IDelivery, IDeliveryAgent
 from mailserver.limits import ConnectionLimiter
 from mailserver.policy.relay import RcptVerdict
+from mailserver.sessions import SessionTracker
 from mailserver.smtp import codes as c
 from mailserver.smtp.address import (
     parse_path_argument,
@@ -39,6 +40,8 @@ from mailserver.smtp.codes import Reply, format_multiline, format_reply
 from mailserver.smtp.data import DataDecoder, LineEndingCheck
 from mailserver.smtp.received import protocol_name, received_header
 from mailserver.transport import pause, set_nodelay, write_now
+
+__all__ = ["SMTPFactory", "SMTPServer", "SMTPSettings", "SessionTracker"]
 
 TLSMode = Literal["starttls", "implicit", "none"]
 
@@ -64,36 +67,6 @@ class SMTPSettings:
     max_recipients: int = 1000
     idle_timeout: float = 300.0
     max_errors: int = 10
-
-
-class SessionTracker:
-    """The open sessions of all SMTP listeners, for a graceful stop."""
-
-    def __init__(self) -> None:
-        self.sessions: set[SMTPServer] = set()
-
-    def drain(self, clock: IReactorTime, grace: float) -> Deferred[None]:
-        """
-        Stop every session: idle ones at once with C{421}, those receiving or committing a
-        message once it is done, or after C{grace} seconds at the latest. Fires when every
-        session's connection is closed (so the replies have left).
-        """
-        sessions = list(self.sessions)
-        log.stopping(sum(1 for s in sessions if s.in_transaction))
-        waits = [s.shutdown() for s in sessions]
-        if all(d.called for d in waits):
-            return succeed(None)
-        done: Deferred[None] = DeferredList(waits, consumeErrors=True).addCallback(lambda _: None)
-        timer = clock.callLater(grace, done.cancel)
-
-        def finish(result: object) -> None:
-            if timer.active():
-                timer.cancel()
-            for s in list(self.sessions):
-                s.abort_now()
-
-        done.addBoth(finish)
-        return done
 
 
 class SMTPFactory(Factory):

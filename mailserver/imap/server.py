@@ -1,0 +1,1367 @@
+# -*- test-case-name: tests.test_imap_server -*-
+"""
+The IMAP server protocol (RFC 3501 IMAP4rev1, with the RFC 9051 behaviour clients rely on, and
+IDLE, UIDPLUS, MOVE, SPECIAL-USE, NAMESPACE, ID, ENABLE, UNSELECT, LITERAL+, CONDSTORE).
+
+Like the SMTP and POP3 servers, our own protocol on C{Protocol}: the framer
+(L{mailserver.imap.parser.CommandFramer}) cuts commands out of the input, one command runs at a
+time (the next waits while one waits on the store), replies to commands that arrive together
+leave in one write, and message bodies over 256 KiB are streamed from their files by a producer.
+The protocol never touches the disk except to read message files; every change goes through
+L{mailserver.store.mailbox}.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime as dt
+import itertools
+import re
+import secrets
+import tempfile
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO, Literal
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime, ITLSTransport
+from twisted.internet.protocol import Factory, Protocol
+from twisted.python.failure import Failure
+from typing_extensions import override
+from zope.interface import implementer
+
+from mailserver import log
+from mailserver.auth import LoginFailed, Throttled
+from mailserver.imap import message as mime
+from mailserver.imap.parser import (
+    AndKey,
+    BadCharset,
+    Command,
+    CommandFramer,
+    FetchAtt,
+    LiteralInfo,
+    LiteralTooBig,
+    Malformed,
+    ModSeqKey,
+    NeedContinuation,
+    NotKey,
+    OrKey,
+    ParseError,
+    Reader,
+    SequenceSet,
+    TooLong,
+    encode_mutf7,
+    parse_append,
+    parse_command,
+    parse_fetch,
+    parse_search,
+    parse_store,
+)
+from mailserver.imap.search import Matcher
+from mailserver.imap.selected import SelectedMailbox, compress_uids, flag_list
+from mailserver.limits import ConnectionLimiter
+from mailserver.sessions import SessionTracker
+from mailserver.store.index import INBOX, SEPARATOR, FolderError, MessageInfo
+from mailserver.store.mailbox import Folder, MailboxStore
+from mailserver.transport import pause, set_nodelay, write_now
+
+TLSMode = Literal["starttls", "implicit", "none"]
+Authenticate = Callable[[str, str, str], "Deferred[str]"]
+
+_NOT_AUTH, _AUTH, _SELECTED, _LOGOUT = range(4)
+_INLINE = 256 * 1024
+_ID_PREFIX = secrets.token_hex(3)
+_ids = itertools.count(1)
+
+SPECIAL_FOLDERS = (
+    ("Drafts", "\\Drafts"),
+    ("Sent", "\\Sent"),
+    ("Trash", "\\Trash"),
+    ("Junk", "\\Junk"),
+    ("Archive", "\\Archive"),
+)
+"""Folders every new account gets (RFC 6154 SPECIAL-USE)."""
+
+PERMANENT_FLAGS = "(\\Answered \\Flagged \\Deleted \\Seen \\Draft \\*)"
+_FLAGS = "(\\Answered \\Flagged \\Deleted \\Seen \\Draft)"
+
+
+@dataclass(frozen=True, slots=True)
+class IMAPSettings:
+    """What one IMAP listener needs; built from the config by the composition root."""
+
+    hostname: str
+    tls_mode: TLSMode = "starttls"
+    allow_plaintext_auth: bool = False
+    max_line: int = 64 * 1024
+    max_literal: int = 26 * 1024 * 1024
+    idle_timeout: float = 1800.0
+    max_errors: int = 20
+    spill_dir: Path | None = None
+
+
+class IMAPFactory(Factory):
+    def __init__(
+        self,
+        settings: IMAPSettings,
+        authenticate: Authenticate,
+        store: MailboxStore,
+        clock: IReactorTime,
+        limiter: ConnectionLimiter,
+        tls: object | None = None,
+        tracker: SessionTracker | None = None,
+    ) -> None:
+        self.settings = settings
+        self.authenticate = authenticate
+        self.store = store
+        self.clock = clock
+        self.limiter = limiter
+        self.tls = tls
+        self.tracker = tracker if tracker is not None else SessionTracker()
+
+    @override
+    def buildProtocol(self, addr: object) -> IMAPServer:
+        return IMAPServer(self)
+
+
+class _Spill:
+    """A large APPEND literal, written to an unlinked temporary file as it arrives."""
+
+    def __init__(self, directory: Path | None) -> None:
+        self.file: BinaryIO = tempfile.TemporaryFile(dir=directory)  # noqa: SIM115
+
+    def write(self, data: bytes) -> None:
+        self.file.write(data)
+
+    def close(self) -> None:
+        self.file.flush()
+
+    def discard(self) -> None:
+        self.file.close()
+
+
+@implementer(IPushProducer)
+class _Sender:
+    """Streams queued output (bytes and file ranges) to the transport, with backpressure."""
+
+    def __init__(self, server: IMAPServer, pieces: Iterator[bytes], done: Callable[[], None]):
+        self._server = server
+        self._pieces = pieces
+        self._done = done
+        self._paused = False
+        self._finished = False
+
+    def start(self) -> None:
+        transport: Any = self._server.transport
+        transport.registerProducer(self, True)
+        self.resumeProducing()
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        transport: Any = self._server.transport
+        self._server.made_progress()
+        while not self._paused and not self._finished and transport is not None:
+            piece = next(self._pieces, None)
+            if piece is None:
+                self._finished = True
+                transport.unregisterProducer()
+                self._done()
+                return
+            transport.write(piece)
+
+    def stopProducing(self) -> None:
+        self._finished = True
+        close = getattr(self._pieces, "close", None)
+        if close is not None:
+            close()
+
+
+class IMAPServer(Protocol):
+    """One IMAP session."""
+
+    def __init__(self, factory: IMAPFactory) -> None:
+        self._f = factory
+        self._s = factory.settings
+        self._clock = factory.clock
+        self._store = factory.store
+        self.session = f"{_ID_PREFIX}i{next(_ids):06x}"
+        self.peer = "unknown"
+        self._counted = False
+        self._state = _NOT_AUTH
+        self._tls = self._s.tls_mode == "implicit"
+        self._framer = self._new_framer()
+        self._queue: deque[object] = deque()
+        self._out: list[bytes] = []
+        self._busy = False
+        self._streaming = False
+        self._running = False
+        self._paused = False
+        self._errors = 0
+        self._account: str | None = None
+        self._folder: Folder | None = None
+        self._box: SelectedMailbox | None = None
+        self._changed = False  # the store told us the selected folder changed
+        self._enabled: set[str] = set()
+        self._idle_tag: str | None = None
+        self._sasl_tag: str | None = None
+        self._last_input = 0.0
+        self._timer: IDelayedCall | None = None
+        self._stopping = False
+        self._closed: Deferred[None] | None = None
+
+    def _new_framer(self) -> CommandFramer:
+        return CommandFramer(
+            max_line=self._s.max_line,
+            max_literal=self._s.max_literal,
+            open_literal=self._open_literal,
+        )
+
+    def _open_literal(self, info: LiteralInfo) -> _Spill:
+        return _Spill(self._s.spill_dir)
+
+    # -- connection ------------------------------------------------------------------------
+
+    @override
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.peer = str(getattr(self.transport.getPeer(), "host", "unknown"))
+        set_nodelay(self.transport)
+        refused = self._f.limiter.acquire(self.peer)
+        if refused is not None:
+            log.connection_refused(self.peer, refused)
+            write_now(self.transport, b"* BYE [UNAVAILABLE] Too many connections, try later\r\n")
+            self._state = _LOGOUT
+            self.transport.loseConnection()
+            return
+        self._counted = True
+        self._f.tracker.sessions.add(self)
+        self._last_input = self._clock.seconds()
+        self._timer = self._clock.callLater(self._s.idle_timeout, self._check_idle)
+        greeting = f"* OK [CAPABILITY {self._capabilities()}] {self._s.hostname} IMAP4rev1 ready"
+        write_now(self.transport, greeting.encode() + b"\r\n")
+
+    @override
+    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:  # noqa: B008
+        self._state = _LOGOUT
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        self._framer.close()
+        self._queue.clear()
+        if self._counted:
+            self._counted = False
+            self._f.limiter.release(self.peer)
+            self._f.tracker.sessions.discard(self)
+        self._unselect()
+        if self._closed is not None:
+            d, self._closed = self._closed, None
+            d.callback(None)
+
+    # -- graceful stop ---------------------------------------------------------------------
+
+    @property
+    def in_transaction(self) -> bool:
+        """A command is waiting on the store (an APPEND, a STORE, an EXPUNGE...)."""
+        return self._busy and not self._streaming
+
+    def shutdown(self) -> Deferred[None]:
+        """Say BYE and close once the command in progress (if any) is done."""
+        self._stopping = True
+        if self._state == _LOGOUT:
+            return succeed(None)
+        self._closed = Deferred()
+        if not self._busy:
+            self._bye(b"* BYE [UNAVAILABLE] Server shutting down\r\n")
+        return self._closed
+
+    def abort_now(self) -> None:
+        if self.transport is not None and self._state != _LOGOUT:
+            self._bye(b"* BYE [UNAVAILABLE] Server shutting down\r\n")
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+
+    def made_progress(self) -> None:
+        self._last_input = self._clock.seconds()
+
+    def _check_idle(self) -> None:
+        self._timer = None
+        if self._state == _LOGOUT:
+            return
+        elapsed = self._clock.seconds() - self._last_input
+        waiting = self._busy and not self._streaming
+        if waiting or elapsed < self._s.idle_timeout:
+            self._timer = self._clock.callLater(
+                max(self._s.idle_timeout - elapsed, 1.0), self._check_idle
+            )
+            return
+        self._bye(b"* BYE Autologout; idle for too long\r\n")
+
+    def _bye(self, line: bytes) -> None:
+        self._out.append(line)
+        self._flush()
+        self._state = _LOGOUT
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+    # -- input -----------------------------------------------------------------------------
+
+    @override
+    def dataReceived(self, data: bytes) -> None:
+        if self._state == _LOGOUT:
+            return
+        self._last_input = self._clock.seconds()
+        self._queue.extend(self._framer.feed(data))
+        if self._busy and not self._paused:
+            self._paused = True
+            pause(self.transport, True)
+        self._run()
+
+    def _flush(self) -> None:
+        if self._out and self.transport is not None:
+            out = self._out[0] if len(self._out) == 1 else b"".join(self._out)
+            self._out = []
+            write_now(self.transport, out)
+
+    def _run(self) -> None:
+        if self._running:
+            return
+        self._running = True
+        try:
+            while self._queue and not self._busy and self._state != _LOGOUT:
+                self._event(self._queue.popleft())
+        finally:
+            self._running = False
+        self._flush()
+        if self._stopping and not self._busy and self._state != _LOGOUT:
+            self._bye(b"* BYE [UNAVAILABLE] Server shutting down\r\n")
+            return
+        if not self._busy and self._paused and self._state != _LOGOUT:
+            self._paused = False
+            pause(self.transport, False)
+
+    def _event(self, event: object) -> None:
+        if isinstance(event, Command):
+            self._command(event)
+        elif isinstance(event, NeedContinuation):
+            self._continuation(event)
+        elif isinstance(event, TooLong):
+            self._bad(event.tag, "Command line too long", "TOOBIG")
+        elif isinstance(event, LiteralTooBig):
+            self._bad(event.tag, "Literal too big", "TOOBIG")
+            if event.nonsync and event.size > self._s.max_literal * 4:
+                self._bye(b"* BYE Literal far too big\r\n")
+        elif isinstance(event, Malformed):
+            self._bad(event.tag, event.message)
+
+    def _continuation(self, event: NeedContinuation) -> None:
+        info = event.info
+        allowed = info.name in ("APPEND",) and self._state in (_AUTH, _SELECTED)
+        if not allowed:
+            self._bad(info.tag, "Literal not expected here")
+            self._queue.extend(self._framer.refuse())
+            return
+        self._out.append(b"+ Ready for literal data\r\n")
+        self._flush()
+        self._queue.extend(self._framer.proceed())
+
+    def _bad(self, tag: str | None, text: str, code: str | None = None) -> None:
+        self._errors += 1
+        prefix = f"[{code}] " if code else ""
+        self._out.append(f"{tag or '*'} BAD {prefix}{text}\r\n".encode())
+        if self._errors > self._s.max_errors:
+            self._bye(b"* BYE Too many errors\r\n")
+
+    def _tagged(self, tag: str, status: str, text: str) -> None:
+        self._out.append(f"{tag} {status} {text}\r\n".encode())
+
+    def _command(self, command: Command) -> None:
+        if self._idle_tag is not None:
+            self._idle_done(command)
+            return
+        if self._sasl_tag is not None:
+            tag, self._sasl_tag = self._sasl_tag, None
+            waiting = self._sasl_response(tag, command.lines[0])
+            if waiting is not None:
+                self._wait(tag, "AUTHENTICATE", waiting)
+            return
+        try:
+            parsed = parse_command(command, utf8="UTF8=ACCEPT" in self._enabled)
+        except ParseError as e:
+            self._bad(e.tag, e.message)
+            return
+        handler = _HANDLERS.get(parsed.name)
+        if handler is None:
+            self._bad(parsed.tag, "Unknown command")
+            return
+        states, function = handler
+        if self._state not in states:
+            self._bad(parsed.tag, f"{parsed.name} not allowed now")
+            return
+        try:
+            result = function(self, parsed.tag, parsed.args)
+        except BadCharset as e:
+            self._tagged(parsed.tag, "NO", f"[{e.code}] {e.message}")
+            return
+        except FolderError as e:
+            self._tagged(parsed.tag, "NO", str(e))
+            return
+        except ParseError as e:
+            self._bad(parsed.tag, e.message, e.code)
+            return
+        except Exception:
+            log.internal_error(self.session, self.peer, parsed.name, Failure())
+            self._tagged(parsed.tag, "NO", f"[SERVERBUG] Internal error, session {self.session}")
+            return
+        if isinstance(result, Deferred):
+            self._wait(parsed.tag, parsed.name, result)
+
+    def _wait(self, tag: str, name: str, d: Deferred[Any]) -> None:
+        self._busy = True
+
+        def failed(f: Failure) -> None:
+            if f.check(FolderError):
+                self._tagged(tag, "NO", str(f.value))
+                return
+            log.internal_error(self.session, self.peer, name, f)
+            self._tagged(tag, "NO", f"[SERVERBUG] Internal error, session {self.session}")
+
+        def resume(_: object) -> None:
+            self._busy = False
+            self._last_input = self._clock.seconds()
+            if self._state == _LOGOUT or self.transport is None:
+                self._out = []
+                return
+            self._run()
+
+        d.addErrback(failed)
+        d.addBoth(resume)
+
+    # -- capabilities and the not-authenticated state --------------------------------------
+
+    def _auth_allowed(self) -> bool:
+        return self._tls or self._s.allow_plaintext_auth
+
+    def _starttls_available(self) -> bool:
+        return (
+            self._s.tls_mode == "starttls"
+            and not self._tls
+            and self._f.tls is not None
+            and ITLSTransport.providedBy(self.transport)
+        )
+
+    def _capabilities(self) -> str:
+        caps = ["IMAP4rev1", "LITERAL+", "SASL-IR", "ID", "ENABLE", "IDLE"]
+        if self._state == _NOT_AUTH:
+            if self._starttls_available():
+                caps.append("STARTTLS")
+            if self._auth_allowed():
+                caps.append("AUTH=PLAIN")
+            else:
+                caps.append("LOGINDISABLED")
+        else:
+            caps += [
+                "NAMESPACE",
+                "UNSELECT",
+                "UIDPLUS",
+                "MOVE",
+                "SPECIAL-USE",
+                "LIST-EXTENDED",
+                "CHILDREN",
+                "CONDSTORE",
+                "UTF8=ACCEPT",
+                "ESEARCH",
+            ]
+        return " ".join(caps)
+
+    def _capability(self, tag: str, r: Reader) -> None:
+        r.end()
+        self._out.append(f"* CAPABILITY {self._capabilities()}\r\n".encode())
+        self._tagged(tag, "OK", "CAPABILITY completed")
+
+    def _noop(self, tag: str, r: Reader) -> Deferred[None] | None:
+        r.end()
+        return self._refresh_then(tag, "NOOP completed", allow_expunge=True)
+
+    def _logout(self, tag: str, r: Reader) -> None:
+        r.end()
+        self._out.append(b"* BYE Logging out\r\n")
+        self._tagged(tag, "OK", "LOGOUT completed")
+        self._flush()
+        self._state = _LOGOUT
+        self._unselect()
+        if self.transport is not None:
+            self.transport.loseConnection()
+
+    def _id(self, tag: str, r: Reader) -> None:
+        r.sp()
+        r.value()
+        r.end()
+        self._out.append(b'* ID ("name" "mailserver")\r\n')
+        self._tagged(tag, "OK", "ID completed")
+
+    def _starttls(self, tag: str, r: Reader) -> None:
+        r.end()
+        if not self._starttls_available():
+            self._bad(tag, "STARTTLS not available")
+            return
+        self._tagged(tag, "OK", "Begin TLS negotiation now")
+        self._flush()
+        # RFC 3501 §6.2.1 / CVE-2011-0411: nothing the client sent after STARTTLS survives.
+        self._queue.clear()
+        self._framer.close()
+        self._framer = self._new_framer()
+        assert self.transport is not None
+        self.transport.startTLS(self._f.tls)  # type: ignore[attr-defined]
+        self._tls = True
+
+    def _login(self, tag: str, r: Reader) -> Deferred[None] | None:
+        r.sp()
+        user = r.astring()
+        r.sp()
+        password = r.astring()
+        r.end()
+        if not self._auth_allowed():
+            self._tagged(tag, "NO", "[PRIVACYREQUIRED] Use STARTTLS first")
+            return None
+        return self._authenticate(tag, user, password)
+
+    def _authenticate_cmd(self, tag: str, r: Reader) -> Deferred[None] | None:
+        r.sp()
+        mechanism = r.atom().upper()
+        initial: bytes | None = None
+        if not r.at_end():
+            r.sp()
+            initial = r.astring()
+        r.end()
+        if not self._auth_allowed():
+            self._tagged(tag, "NO", "[PRIVACYREQUIRED] Use STARTTLS first")
+            return None
+        if mechanism != "PLAIN":
+            self._tagged(tag, "NO", "Unsupported authentication mechanism")
+            return None
+        if initial is None:
+            self._sasl_tag = tag
+            self._out.append(b"+ \r\n")
+            return None
+        return self._sasl_response(tag, initial)
+
+    def _sasl_response(self, tag: str, raw: bytes) -> Deferred[None] | None:
+        if raw.strip() == b"*":
+            self._bad(tag, "Authentication cancelled")
+            return None
+        try:
+            decoded = base64.b64decode(raw.strip(), validate=True) if raw.strip() != b"=" else b""
+            authzid, authcid, password = decoded.split(b"\x00")
+        except (binascii.Error, ValueError):
+            self._bad(tag, "Malformed SASL PLAIN response")
+            return None
+        if authzid and authzid != authcid:
+            self._tagged(tag, "NO", "[AUTHORIZATIONFAILED] Not authorized for that user")
+            return None
+        return self._authenticate(tag, authcid, password)
+
+    def _authenticate(self, tag: str, user: bytes, password: bytes) -> Deferred[None]:
+        d = self._f.authenticate(
+            self.peer,
+            user.decode("utf-8", "replace"),
+            password.decode("utf-8", "replace"),
+        )
+
+        def ok(account: str) -> Deferred[None]:
+            self._account = account
+            self._state = _AUTH
+            return self._store.run(account, _ensure_special_folders).addCallback(
+                lambda _: self._tagged(tag, "OK", f"[CAPABILITY {self._capabilities()}] Logged in")
+            )
+
+        def failed(f: Failure) -> None:
+            if f.check(Throttled):
+                self._tagged(tag, "NO", "[UNAVAILABLE] Too many failed logins; try later")
+            elif f.check(LoginFailed):
+                self._tagged(tag, "NO", "[AUTHENTICATIONFAILED] Authentication failed")
+            else:
+                f.raiseException()
+
+        return d.addCallbacks(ok, failed)
+
+    # -- the authenticated state -----------------------------------------------------------
+
+    def _enable(self, tag: str, r: Reader) -> None:
+        names = []
+        while not r.at_end():
+            r.sp()
+            names.append(r.atom().upper())
+        if not names:
+            raise r.error("ENABLE needs a capability")
+        enabled = [n for n in names if n in ("CONDSTORE", "UTF8=ACCEPT")]
+        self._enabled.update(enabled)
+        if "CONDSTORE" in enabled and self._box is not None:
+            self._box.condstore = True
+        self._out.append(("* ENABLED " + " ".join(enabled)).rstrip().encode() + b"\r\n")
+        self._tagged(tag, "OK", "ENABLE completed")
+
+    def _namespace(self, tag: str, r: Reader) -> None:
+        r.end()
+        self._out.append(f'* NAMESPACE (("" "{SEPARATOR}")) NIL NIL\r\n'.encode())
+        self._tagged(tag, "OK", "NAMESPACE completed")
+
+    def _mailbox_arg(self, r: Reader) -> str:
+        r.sp()
+        return r.mailbox()
+
+    def _name_out(self, name: str) -> bytes:
+        if "UTF8=ACCEPT" in self._enabled:
+            return mime.imap_string(name)
+        return mime.imap_string(encode_mutf7(name))
+
+    def _create(self, tag: str, r: Reader) -> Deferred[None]:
+        name = self._mailbox_arg(r).rstrip(SEPARATOR)
+        use = ""
+        if not r.at_end():
+            r.sp()
+            r.value()  # CREATE-SPECIAL-USE and other parameters are ignored
+        r.end()
+        if name.upper() == INBOX:
+            raise FolderError("INBOX exists already")
+        account = self._require_account()
+        d = self._store.create_folder(account, name, use)
+        return d.addCallback(lambda _: self._tagged(tag, "OK", "CREATE completed"))
+
+    def _delete(self, tag: str, r: Reader) -> Deferred[None]:
+        name = self._mailbox_arg(r)
+        r.end()
+        if self._box is not None and self._box.name == name:
+            self._unselect()
+            self._state = _AUTH
+        d = self._store.delete_folder(self._require_account(), name)
+        return d.addCallback(lambda _: self._tagged(tag, "OK", "DELETE completed"))
+
+    def _rename(self, tag: str, r: Reader) -> Deferred[None]:
+        old = self._mailbox_arg(r)
+        new = self._mailbox_arg(r)
+        r.end()
+        account = self._require_account()
+        if old == INBOX:
+            d = self._rename_inbox(account, new)
+        else:
+            d = self._store.rename_folder(account, old, new)
+        return d.addCallback(lambda _: self._tagged(tag, "OK", "RENAME completed"))
+
+    def _rename_inbox(self, account: str, new: str) -> Deferred[None]:
+        """RFC 3501 §6.3.5: renaming INBOX moves its messages to the new folder."""
+        store = self._store
+
+        def move(index: Any) -> None:
+            index.create_folder(new)
+            index.sync(INBOX)
+            uids = [m.uid for m in index.state(INBOX).messages]
+            index.copy(INBOX, uids, new, move=True)
+
+        return store.run(account, move)
+
+    def _subscribe(self, tag: str, r: Reader) -> Deferred[None]:
+        name = self._mailbox_arg(r)
+        r.end()
+        d = self._store.set_subscribed(self._require_account(), name, True)
+        return d.addCallback(lambda _: self._tagged(tag, "OK", "SUBSCRIBE completed"))
+
+    def _unsubscribe(self, tag: str, r: Reader) -> Deferred[None]:
+        name = self._mailbox_arg(r)
+        r.end()
+        d = self._store.set_subscribed(self._require_account(), name, False)
+        return d.addCallback(lambda _: self._tagged(tag, "OK", "UNSUBSCRIBE completed"))
+
+    def _list(self, tag: str, r: Reader, lsub: bool = False) -> Deferred[None]:
+        r.sp()
+        selection: list[str] = []
+        if r.peek() == b"(":
+            selection = [s.upper() for s in r.paren_list(r.atom, allow_empty=True)]
+            r.sp()
+        reference = r.mailbox()
+        r.sp()
+        patterns: list[str] = []
+        if r.peek() == b"(":
+            patterns = r.paren_list(r.list_mailbox)
+        else:
+            patterns = [r.list_mailbox()]
+        return_opts: list[str] = []
+        if not r.at_end():
+            r.sp()
+            if r.keyword() != "RETURN":
+                raise r.error("expected RETURN")
+            r.sp()
+            return_opts = [str(v).upper() for v in r.paren_list(r.atom, allow_empty=True)]
+        r.end()
+        subscribed_only = lsub or "SUBSCRIBED" in selection
+        special_only = "SPECIAL-USE" in selection
+        if reference == INBOX:
+            reference = ""
+        d = self._store.folders(self._require_account())
+
+        def answer(folders: list[Any]) -> None:
+            word = "LSUB" if lsub else "LIST"
+            if patterns == [""] and not lsub:
+                self._out.append(f'* LIST (\\Noselect) "{SEPARATOR}" ""\r\n'.encode())
+            else:
+                names = {f.name for f in folders}
+                for folder in folders:
+                    full = [reference + p for p in patterns]
+                    if not any(_matches(p, folder.name) for p in full):
+                        continue
+                    if subscribed_only and not folder.subscribed:
+                        continue
+                    if special_only and not folder.special_use:
+                        continue
+                    attrs = []
+                    prefix = folder.name + SEPARATOR
+                    has_children = any(n.startswith(prefix) for n in names)
+                    if not lsub:
+                        attrs.append("\\HasChildren" if has_children else "\\HasNoChildren")
+                        if folder.special_use and (
+                            "SPECIAL-USE" in return_opts or not return_opts or special_only
+                        ):
+                            attrs.append(folder.special_use)
+                        if "SUBSCRIBED" in selection and folder.subscribed:
+                            attrs.append("\\Subscribed")
+                    line = (
+                        f'* {word} ({" ".join(attrs)}) "{SEPARATOR}" '.encode()
+                        + self._name_out(folder.name)
+                        + b"\r\n"
+                    )
+                    self._out.append(line)
+            self._tagged(tag, "OK", f"{word} completed")
+
+        return d.addCallback(answer)
+
+    def _lsub(self, tag: str, r: Reader) -> Deferred[None]:
+        return self._list(tag, r, lsub=True)
+
+    def _status(self, tag: str, r: Reader) -> Deferred[None]:
+        name = self._mailbox_arg(r)
+        r.sp()
+        items = [str(i).upper() for i in r.paren_list(r.atom)]
+        r.end()
+        account = self._require_account()
+
+        def look(index: Any) -> tuple[tuple[int, int, int, int, int], int]:
+            index.sync(name)
+            return index.status(name), index.unseen(name)
+
+        def answer(result: tuple[tuple[int, int, int, int, int], int]) -> None:
+            (count, octets, uidvalidity, uidnext, modseq), unseen = result
+            values = {
+                "MESSAGES": count,
+                "RECENT": 0,
+                "UIDNEXT": uidnext,
+                "UIDVALIDITY": uidvalidity,
+                "UNSEEN": unseen,
+                "SIZE": octets,
+                "HIGHESTMODSEQ": modseq,
+                "DELETED": None,
+            }
+            out = []
+            for item in items:
+                if item not in values or values[item] is None:
+                    raise ParseError(f"unknown STATUS item {item[:20]}", tag)
+                out.append(f"{item} {values[item]}")
+            line = b"* STATUS " + self._name_out(name) + f" ({' '.join(out)})\r\n".encode()
+            self._out.append(line)
+            self._tagged(tag, "OK", "STATUS completed")
+
+        def bad(f: Failure) -> None:
+            f.trap(ParseError)
+            self._bad(tag, str(f.value))
+
+        return self._store.run(account, look).addCallback(answer).addErrback(bad)
+
+    def _select(self, tag: str, r: Reader, read_only: bool = False) -> Deferred[None]:
+        name = self._mailbox_arg(r)
+        condstore = False
+        if not r.at_end():
+            r.sp()
+            params = [str(p).upper() for p in r.paren_list(r.atom, allow_empty=True)]
+            condstore = "CONDSTORE" in params
+        r.end()
+        if condstore:
+            self._enabled.add("CONDSTORE")
+        self._unselect()
+        self._state = _AUTH
+        account = self._require_account()
+        d = self._store.open_folder(account, name, self._folder_changed)
+
+        def opened(folder: Folder) -> None:
+            self._folder = folder
+            box = SelectedMailbox(
+                folder.state, read_only=read_only, condstore="CONDSTORE" in self._enabled
+            )
+            self._box = box
+            self._state = _SELECTED
+            first_unseen = next(
+                (i for i, uid in enumerate(box.uids, 1) if "\\Seen" not in box.messages[uid].flags),
+                0,
+            )
+            lines = [
+                f"* {box.exists} EXISTS",
+                "* 0 RECENT",
+                f"* FLAGS {_FLAGS}",
+                f"* OK [PERMANENTFLAGS {'()' if read_only else PERMANENT_FLAGS}] Flags permitted",
+                f"* OK [UIDVALIDITY {box.uidvalidity}] UIDs valid",
+                f"* OK [UIDNEXT {box.uidnext}] Predicted next UID",
+            ]
+            if first_unseen:
+                lines.append(f"* OK [UNSEEN {first_unseen}] First unseen")
+            if box.condstore:
+                lines.append(f"* OK [HIGHESTMODSEQ {box.highestmodseq}] Highest")
+            self._out.append(("\r\n".join(lines) + "\r\n").encode())
+            mode = "READ-ONLY" if read_only else "READ-WRITE"
+            self._tagged(tag, "OK", f"[{mode}] {'EXAMINE' if read_only else 'SELECT'} completed")
+
+        def failed(f: Failure) -> None:
+            f.trap(FolderError)
+            self._tagged(tag, "NO", "[NONEXISTENT] No such mailbox")
+
+        return d.addCallbacks(opened, failed)
+
+    def _examine(self, tag: str, r: Reader) -> Deferred[None]:
+        return self._select(tag, r, read_only=True)
+
+    def _append(self, tag: str, r: Reader) -> Deferred[None]:
+        command = parse_append(r)
+        account = self._require_account()
+        name = command.mailbox
+        results: list[tuple[int, MessageInfo]] = []
+
+        async def add_all() -> None:
+            for m in command.messages:
+                data = m.data
+                when = m.internal_date.timestamp() if m.internal_date is not None else None
+
+                def write(out: BinaryIO, data: Any = data) -> None:
+                    if data.data is not None:
+                        out.write(data.data)
+                    elif data.sink is not None:
+                        src = data.sink.file
+                        src.seek(0)
+                        while chunk := src.read(256 * 1024):
+                            out.write(chunk)
+
+                try:
+                    results.append(await self._store.append(account, name, write, m.flags, when))
+                finally:
+                    if data.sink is not None:
+                        data.sink.discard()
+
+        def done(_: object) -> None:
+            uidvalidity = results[0][0] if results else 0
+            uids = compress_uids(info.uid for _, info in results)
+            self._tagged(tag, "OK", f"[APPENDUID {uidvalidity} {uids}] APPEND completed")
+
+        def failed(f: Failure) -> None:
+            f.trap(FolderError)
+            self._tagged(tag, "NO", "[TRYCREATE] No such mailbox")
+
+        d: Deferred[None] = Deferred.fromCoroutine(add_all())
+        if self._state == _SELECTED and self._folder is not None and self._folder.name == name:
+            d.addCallback(lambda _: self._refresh(allow_expunge=True))
+        return d.addCallbacks(done, failed)
+
+    # -- the selected state ----------------------------------------------------------------
+
+    def _folder_changed(self) -> None:
+        self._changed = True
+        if self._idle_tag is not None and not self._busy:
+            d = self._refresh(allow_expunge=True)
+            if d is not None:
+                self._busy = True
+
+                def sent(_: object) -> None:
+                    self._busy = False
+                    self._flush()
+                    self._run()
+
+                d.addBoth(sent)
+
+    def _refresh(self, allow_expunge: bool, uid_command: bool = False) -> Deferred[None] | None:
+        """Look at the folder again and queue the untagged updates (EXISTS, EXPUNGE, FETCH)."""
+        folder = self._folder
+        box = self._box
+        if folder is None or box is None:
+            return None
+        self._changed = False
+
+        def tell(_: object) -> None:
+            updates = box.update(folder.state, allow_expunge, uid_command)
+            self._out.extend(updates.lines)
+
+        return folder.refresh().addCallback(tell)
+
+    def _refresh_then(
+        self, tag: str, text: str, allow_expunge: bool, uid_command: bool = False
+    ) -> Deferred[None] | None:
+        d = self._refresh(allow_expunge, uid_command)
+        if d is None:
+            self._tagged(tag, "OK", text)
+            return None
+        return d.addCallback(lambda _: self._tagged(tag, "OK", text))
+
+    def _unselect(self) -> None:
+        if self._folder is not None:
+            self._folder.close()
+        self._folder = None
+        self._box = None
+
+    def _check(self, tag: str, r: Reader) -> Deferred[None] | None:
+        r.end()
+        return self._refresh_then(tag, "CHECK completed", allow_expunge=True)
+
+    def _close(self, tag: str, r: Reader) -> Deferred[None] | None:
+        r.end()
+        box, folder = self._box, self._folder
+        self._unselect()
+        self._state = _AUTH
+        if box is None or folder is None or box.read_only:
+            self._tagged(tag, "OK", "CLOSE completed")
+            return None
+        deleted = [u for u in box.uids if "\\Deleted" in box.messages[u].flags]
+        d = folder.expunge(deleted)
+        return d.addCallback(lambda _: self._tagged(tag, "OK", "CLOSE completed"))
+
+    def _unselect_cmd(self, tag: str, r: Reader) -> None:
+        r.end()
+        self._unselect()
+        self._state = _AUTH
+        self._tagged(tag, "OK", "UNSELECT completed")
+
+    def _expunge(self, tag: str, r: Reader, uid: bool = False) -> Deferred[None] | None:
+        box, folder = self._box, self._folder
+        assert box is not None and folder is not None
+        wanted: set[int] | None = None
+        if uid:
+            r.sp()
+            wanted = set(box.resolve(r.sequence_set().ranges, uid=True))
+        r.end()
+        if box.read_only:
+            self._tagged(tag, "NO", "[READ-ONLY] Mailbox is read-only")
+            return None
+        deleted = [
+            u
+            for u in box.uids
+            if "\\Deleted" in box.messages[u].flags and (wanted is None or u in wanted)
+        ]
+        d = folder.expunge(deleted)
+        d.addCallback(lambda _: self._refresh(allow_expunge=True))
+        return d.addCallback(lambda _: self._tagged(tag, "OK", "EXPUNGE completed"))
+
+    def _uid_expunge(self, tag: str, r: Reader) -> Deferred[None] | None:
+        return self._expunge(tag, r, uid=True)
+
+    def _uids_of(self, sequence_set: SequenceSet, uid: bool, tag: str) -> list[int]:
+        box = self._box
+        assert box is not None
+        if sequence_set.saved:
+            raise ParseError("$ is not supported", tag)
+        if not uid and not box.valid_msns(sequence_set.ranges):
+            raise ParseError("Invalid message sequence number", tag)
+        return box.resolve(sequence_set.ranges, uid)
+
+    def _store_cmd(self, tag: str, r: Reader, uid: bool = False) -> Deferred[None] | None:
+        command = parse_store(r)
+        box, folder = self._box, self._folder
+        assert box is not None and folder is not None
+        uids = self._uids_of(command.sequence_set, uid, tag)
+        if box.read_only:
+            self._tagged(tag, "NO", "[READ-ONLY] Mailbox is read-only")
+            return None
+        mode = {"": "set", "+": "add", "-": "remove"}[command.mode]
+        d = folder.store_flags(uids, command.flags, mode, command.unchangedsince)  # type: ignore[arg-type]
+
+        def answer(result: Any) -> None:
+            changes, refused = result
+            changed = {c.uid: c for c in changes}
+            for uid_ in uids:
+                info = box.messages.get(uid_)
+                if info is None:
+                    continue
+                change = changed.get(uid_)
+                if change is not None:
+                    info = info._replace(flags=change.flags, modseq=change.modseq)
+                    box.own_flags(info)
+                if not command.silent or (box.condstore and change is not None):
+                    items = []
+                    if uid or box.condstore:
+                        items.append(f"UID {uid_}")
+                    if not command.silent:
+                        items.append("FLAGS " + flag_list(info.flags))
+                    if box.condstore:
+                        items.append(f"MODSEQ ({info.modseq})")
+                    self._out.append(f"* {box.msn(uid_)} FETCH ({' '.join(items)})\r\n".encode())
+            if refused:
+                self._tagged(tag, "OK", f"[MODIFIED {compress_uids(refused)}] STORE completed")
+            else:
+                self._tagged(tag, "OK", "STORE completed")
+
+        return d.addCallback(answer)
+
+    def _uid_store(self, tag: str, r: Reader) -> Deferred[None] | None:
+        return self._store_cmd(tag, r, uid=True)
+
+    def _copy(self, tag: str, r: Reader, uid: bool = False, move: bool = False) -> Deferred[None]:
+        r.sp()
+        sequence_set = r.sequence_set()
+        target = self._mailbox_arg(r)
+        r.end()
+        box, folder = self._box, self._folder
+        assert box is not None and folder is not None
+        uids = self._uids_of(sequence_set, uid, tag)
+        if move and box.read_only:
+            raise FolderError("[READ-ONLY] Mailbox is read-only")
+        d = folder.move(uids, target) if move else folder.copy(uids, target)
+
+        def answer(result: tuple[int, list[tuple[int, int]]]) -> Deferred[None] | None:
+            uidvalidity, pairs = result
+            code = ""
+            if pairs:
+                code = (
+                    f"[COPYUID {uidvalidity} {compress_uids(a for a, _ in pairs)}"
+                    f" {compress_uids(b for _, b in pairs)}] "
+                )
+            word = "MOVE" if move else "COPY"
+            if move:
+                self._out.append(f"* OK {code}Moved\r\n".encode())
+                refreshed = self._refresh(allow_expunge=True, uid_command=uid)
+                if refreshed is not None:
+                    return refreshed.addCallback(
+                        lambda _: self._tagged(tag, "OK", f"{word} completed")
+                    )
+                self._tagged(tag, "OK", f"{word} completed")
+                return None
+            self._tagged(tag, "OK", f"{code}{word} completed")
+            return None
+
+        def failed(f: Failure) -> None:
+            f.trap(FolderError)
+            self._tagged(tag, "NO", "[TRYCREATE] No such mailbox")
+
+        return d.addCallbacks(answer, failed)
+
+    def _uid_copy(self, tag: str, r: Reader) -> Deferred[None]:
+        return self._copy(tag, r, uid=True)
+
+    def _move(self, tag: str, r: Reader) -> Deferred[None]:
+        return self._copy(tag, r, move=True)
+
+    def _uid_move(self, tag: str, r: Reader) -> Deferred[None]:
+        return self._copy(tag, r, uid=True, move=True)
+
+    def _search(self, tag: str, r: Reader, uid: bool = False) -> Deferred[None] | None:
+        command = parse_search(r)
+        box, folder = self._box, self._folder
+        assert box is not None and folder is not None
+        matcher = Matcher(
+            box.msn,
+            box.exists,
+            box.uids[-1] if box.uids else 0,
+            lambda info: _read_text(folder.path(info.uid)),
+            self._clock.seconds(),
+        )
+        found: list[int] = []
+        for uid_ in box.uids:
+            info = box.messages[uid_]
+            try:
+                if matcher.matches(command.key, info):
+                    found.append(uid_)
+            except FileNotFoundError:
+                continue
+        numbers = found if uid else [box.msn(u) for u in found]
+        if command.result_options is not None:
+            parts = [f'(TAG "{tag}")'] + (["UID"] if uid else [])
+            opts = set(command.result_options) or {"ALL"}
+            if "MIN" in opts and numbers:
+                parts.append(f"MIN {min(numbers)}")
+            if "MAX" in opts and numbers:
+                parts.append(f"MAX {max(numbers)}")
+            if "ALL" in opts and numbers:
+                parts.append(f"ALL {compress_uids(numbers)}")
+            if "COUNT" in opts:
+                parts.append(f"COUNT {len(numbers)}")
+            self._out.append(("* ESEARCH " + " ".join(parts) + "\r\n").encode())
+        else:
+            line = "* SEARCH" + "".join(f" {n}" for n in numbers)
+            if box.condstore and _uses_modseq(command.key) and found:
+                line += f" (MODSEQ {max(box.messages[u].modseq for u in found)})"
+            self._out.append(line.encode() + b"\r\n")
+        return self._refresh_then(tag, "SEARCH completed", allow_expunge=uid, uid_command=uid)
+
+    def _uid_search(self, tag: str, r: Reader) -> Deferred[None] | None:
+        return self._search(tag, r, uid=True)
+
+    def _fetch(self, tag: str, r: Reader, uid: bool = False) -> Deferred[None] | None:
+        command = parse_fetch(r, uid)
+        box, folder = self._box, self._folder
+        assert box is not None and folder is not None
+        uids = self._uids_of(command.sequence_set, uid, tag)
+        atts = list(command.atts)
+        if uid and not any(a.name == "UID" for a in atts):
+            atts.insert(0, FetchAtt("UID"))
+        if command.changedsince is not None or any(a.name == "MODSEQ" for a in atts):
+            box.condstore = True
+            self._enabled.add("CONDSTORE")
+        if box.condstore and command.changedsince is not None:
+            if not any(a.name == "MODSEQ" for a in atts):
+                atts.append(FetchAtt("MODSEQ"))
+            uids = [u for u in uids if box.messages[u].modseq > command.changedsince]
+        if any(a.name.startswith("BINARY") for a in atts):
+            raise ParseError("BINARY is not supported", tag)
+        sets_seen = not box.read_only and any(
+            a.name in ("RFC822", "RFC822.TEXT") or (a.section is not None and not a.peek)
+            for a in atts
+        )
+        if sets_seen and not any(a.name == "FLAGS" for a in atts):
+            unseen_now = {u for u in uids if "\\Seen" not in box.messages[u].flags}
+            if unseen_now:
+                atts.append(FetchAtt("FLAGS"))
+        d: Deferred[Any] | None = None
+        if sets_seen:
+            unseen = [u for u in uids if "\\Seen" not in box.messages[u].flags]
+            if unseen:
+                d = folder.store_flags(unseen, ["\\Seen"], "add")
+
+                def mark(result: Any) -> None:
+                    for change in result[0]:
+                        info = box.messages.get(change.uid)
+                        if info is not None:
+                            box.own_flags(info._replace(flags=change.flags, modseq=change.modseq))
+
+                d.addCallback(mark)
+        pieces = self._fetch_pieces(tag, uids, atts, uid)
+        if d is None:
+            return self._send_stream(pieces)
+        return d.addCallback(lambda _: self._send_stream(pieces))
+
+    def _uid_fetch(self, tag: str, r: Reader) -> Deferred[None] | None:
+        return self._fetch(tag, r, uid=True)
+
+    def _send_stream(self, pieces: Iterator[bytes]) -> Deferred[None] | None:
+        """Send C{pieces}: small answers at once, large ones by a producer with backpressure."""
+        pending = sum(len(p) for p in self._out)
+        for piece in pieces:
+            self._out.append(piece)
+            pending += len(piece)
+            if pending > _INLINE:
+                self._flush()
+                done: Deferred[None] = Deferred()
+                self._streaming = True
+
+                def finished(done: Deferred[None] = done) -> None:
+                    self._streaming = False
+                    done.callback(None)
+
+                _Sender(self, pieces, finished).start()
+                return done
+        return None
+
+    def _fetch_pieces(
+        self, tag: str, uids: list[int], atts: list[FetchAtt], uid_command: bool
+    ) -> Iterator[bytes]:
+        box, folder = self._box, self._folder
+        assert box is not None and folder is not None
+        for uid in uids:
+            info = box.messages.get(uid)
+            if info is None:
+                continue
+            try:
+                yield from self._fetch_one(box, folder, info, atts)
+            except FileNotFoundError:
+                flags = flag_list(info.flags)
+                yield f"* {box.msn(uid)} FETCH (UID {uid} FLAGS {flags})\r\n".encode()
+        yield f"{tag} OK {'UID ' if uid_command else ''}FETCH completed\r\n".encode()
+
+    def _fetch_one(
+        self, box: SelectedMailbox, folder: Folder, info: MessageInfo, atts: list[FetchAtt]
+    ) -> Iterator[bytes]:
+        needs_file = any(
+            a.name not in ("UID", "FLAGS", "INTERNALDATE", "RFC822.SIZE", "MODSEQ") for a in atts
+        )
+        f: BinaryIO | None = None
+        structure: mime.MessageStructure | None = None
+        if needs_file:
+            f = open(folder.path(info.uid), "rb")  # noqa: SIM115
+        try:
+            if f is not None:
+                structure = mime.parse_structure(f)
+            head = f"* {box.msn(info.uid)} FETCH (".encode()
+            buf = bytearray(head)
+            first = True
+            for att in atts:
+                if not first:
+                    buf += b" "
+                first = False
+                name = att.name
+                if name == "UID":
+                    buf += b"UID %d" % info.uid
+                elif name == "FLAGS":
+                    buf += b"FLAGS " + flag_list(box.messages[info.uid].flags).encode()
+                elif name == "INTERNALDATE":
+                    buf += b'INTERNALDATE "' + _imap_date(info.internaldate).encode() + b'"'
+                elif name == "RFC822.SIZE":
+                    buf += b"RFC822.SIZE %d" % info.size
+                elif name == "MODSEQ":
+                    buf += b"MODSEQ (%d)" % box.messages[info.uid].modseq
+                elif name == "ENVELOPE":
+                    assert structure is not None
+                    buf += b"ENVELOPE " + mime.envelope(structure)
+                elif name in ("BODY", "BODYSTRUCTURE") and att.section is None:
+                    assert structure is not None
+                    buf += name.encode() + b" " + mime.body_structure(structure, name != "BODY")
+                else:
+                    assert structure is not None and f is not None
+                    label, section = self._section(att, structure, f)
+                    buf += label.encode() + b" {%d}\r\n" % section.size
+                    if section.size <= _INLINE:
+                        for chunk in mime.iter_section(f, section):
+                            buf += chunk
+                    else:
+                        yield bytes(buf)
+                        buf = bytearray()
+                        yield from mime.iter_section(f, section)
+            buf += b")\r\n"
+            yield bytes(buf)
+        finally:
+            if f is not None:
+                f.close()
+
+    def _section(
+        self, att: FetchAtt, structure: mime.MessageStructure, f: BinaryIO
+    ) -> tuple[str, mime.SectionData]:
+        name = att.name
+        if name in ("RFC822", "RFC822.HEADER", "RFC822.TEXT"):
+            spec = {"RFC822": "", "RFC822.HEADER": "HEADER", "RFC822.TEXT": "TEXT"}[name]
+            return name, mime.section_range(structure, spec, f)
+        assert att.section is not None
+        spec_text = str(att.section)
+        section = mime.section_range(structure, spec_text.replace('"', ""), f)
+        if att.partial is not None:
+            section = mime.apply_partial(section, att.partial[0], att.partial[1])
+        label = att.response_name()
+        if name == "BINARY.SIZE":
+            return label, section
+        return label, section
+
+    def _idle(self, tag: str, r: Reader) -> Deferred[None] | None:
+        r.end()
+        self._idle_tag = tag
+        self._out.append(b"+ idling\r\n")
+        if self._box is not None and self._changed:
+            return self._refresh(allow_expunge=True)
+        return None
+
+    def _idle_done(self, command: Command) -> None:
+        tag, self._idle_tag = self._idle_tag, None
+        assert tag is not None
+        if command.lines[0].strip().upper() != b"DONE" or command.literals:
+            self._bad(tag, "Expected DONE")
+            return
+        self._tagged(tag, "OK", "IDLE terminated")
+
+    def _require_account(self) -> str:
+        assert self._account is not None
+        return self._account
+
+
+def _ensure_special_folders(index: Any) -> None:
+    """Give a new account its special-use folders (once: a user may delete them later)."""
+    row = index._db.execute("SELECT value FROM meta WHERE key = 'special_folders'").fetchone()
+    if row is not None:
+        return
+    existing = {f.name for f in index.folders()}
+    for name, use in SPECIAL_FOLDERS:
+        if name not in existing:
+            index.create_folder(name, use)
+    with index._transaction() as db:
+        db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('special_folders', '1')")
+
+
+def _matches(pattern: str, name: str) -> bool:
+    """LIST pattern matching: C{*} matches anything, C{%} anything but the separator."""
+    regex = "".join(
+        ".*" if c == "*" else f"[^{re.escape(SEPARATOR)}]*" if c == "%" else re.escape(c)
+        for c in pattern
+    )
+    return re.fullmatch(regex, name, re.IGNORECASE if name == INBOX else 0) is not None
+
+
+def _imap_date(timestamp: int) -> str:
+    when = dt.datetime.fromtimestamp(timestamp, dt.UTC)
+    return when.strftime("%d-%b-%Y %H:%M:%S +0000")
+
+
+def _read_text(path: str) -> tuple[bytes, bytes]:
+    """A message's header and body, for SEARCH (bounded: the first 4 MiB)."""
+    with open(path, "rb") as f:
+        data = f.read(4 * 1024 * 1024)
+    sep = data.find(b"\r\n\r\n")
+    if sep < 0:
+        sep = data.find(b"\n\n")
+        return (data, b"") if sep < 0 else (data[:sep], data[sep + 2 :])
+    return data[:sep], data[sep + 4 :]
+
+
+def _uses_modseq(key: object) -> bool:
+    if isinstance(key, ModSeqKey):
+        return True
+    if isinstance(key, AndKey):
+        return any(_uses_modseq(k) for k in key.keys)
+    if isinstance(key, OrKey):
+        return _uses_modseq(key.left) or _uses_modseq(key.right)
+    if isinstance(key, NotKey):
+        return _uses_modseq(key.key)
+    return False
+
+
+_ANY = (_NOT_AUTH, _AUTH, _SELECTED)
+_AUTHED = (_AUTH, _SELECTED)
+_SEL = (_SELECTED,)
+
+_HANDLERS: dict[str, tuple[tuple[int, ...], Callable[..., Any]]] = {
+    "CAPABILITY": (_ANY, IMAPServer._capability),
+    "NOOP": (_ANY, IMAPServer._noop),
+    "LOGOUT": (_ANY, IMAPServer._logout),
+    "ID": (_ANY, IMAPServer._id),
+    "STARTTLS": ((_NOT_AUTH,), IMAPServer._starttls),
+    "LOGIN": ((_NOT_AUTH,), IMAPServer._login),
+    "AUTHENTICATE": ((_NOT_AUTH,), IMAPServer._authenticate_cmd),
+    "ENABLE": (_AUTHED, IMAPServer._enable),
+    "NAMESPACE": (_AUTHED, IMAPServer._namespace),
+    "SELECT": (_AUTHED, IMAPServer._select),
+    "EXAMINE": (_AUTHED, IMAPServer._examine),
+    "CREATE": (_AUTHED, IMAPServer._create),
+    "DELETE": (_AUTHED, IMAPServer._delete),
+    "RENAME": (_AUTHED, IMAPServer._rename),
+    "SUBSCRIBE": (_AUTHED, IMAPServer._subscribe),
+    "UNSUBSCRIBE": (_AUTHED, IMAPServer._unsubscribe),
+    "LIST": (_AUTHED, IMAPServer._list),
+    "LSUB": (_AUTHED, IMAPServer._lsub),
+    "STATUS": (_AUTHED, IMAPServer._status),
+    "APPEND": (_AUTHED, IMAPServer._append),
+    "IDLE": (_AUTHED, IMAPServer._idle),
+    "CHECK": (_SEL, IMAPServer._check),
+    "CLOSE": (_SEL, IMAPServer._close),
+    "UNSELECT": (_SEL, IMAPServer._unselect_cmd),
+    "EXPUNGE": (_SEL, IMAPServer._expunge),
+    "UID EXPUNGE": (_SEL, IMAPServer._uid_expunge),
+    "SEARCH": (_SEL, IMAPServer._search),
+    "UID SEARCH": (_SEL, IMAPServer._uid_search),
+    "FETCH": (_SEL, IMAPServer._fetch),
+    "UID FETCH": (_SEL, IMAPServer._uid_fetch),
+    "STORE": (_SEL, IMAPServer._store_cmd),
+    "UID STORE": (_SEL, IMAPServer._uid_store),
+    "COPY": (_SEL, IMAPServer._copy),
+    "UID COPY": (_SEL, IMAPServer._uid_copy),
+    "MOVE": (_SEL, IMAPServer._move),
+    "UID MOVE": (_SEL, IMAPServer._uid_move),
+}
