@@ -19,8 +19,8 @@ L{MAX_PARTS} become C{text/plain} leaves; an unterminated multipart ends at its 
 boundary or at the end of the file.
 
 Where RFC 3501 leaves a choice we follow what Dovecot answers for the same message, since that
-is what clients are used to; the exceptions are listed in C{docs/design.md} and in the tests.
-No I/O beyond the binary file object handed in; no Twisted.
+is what clients are used to; the deliberate differences are listed (with Dovecot's answer) in
+C{tests/test_imap_message.py}. No I/O beyond the binary file object handed in; no Twisted.
 """
 
 from __future__ import annotations
@@ -45,7 +45,10 @@ _CHUNK = 64 * 1024
 _LINE_CHUNK = 64 * 1024
 """Header lines longer than this are read in pieces (the piece boundaries change nothing)."""
 _BOUNDARY_LOOKAHEAD = 1024
-"""How far a line that starts with C{--} is read to decide whether it is a boundary line."""
+"""How far past the boundary a line that starts with it is read to decide it is a boundary
+line (transport padding)."""
+MAX_BOUNDARY = 200
+"""Longer boundaries are not used (RFC 2046 §5.1.1 allows 70): the multipart is text/plain."""
 
 MISSING_MAILBOX = b"MISSING_MAILBOX"
 MISSING_DOMAIN = b"MISSING_DOMAIN"
@@ -755,7 +758,7 @@ def _parse_entity(
             _degrade(part)
     elif kind[0] == b"multipart":
         boundary = {k.lower(): v for k, v in part.params}.get(b"boundary")
-        if not boundary or deep:
+        if not boundary or len(boundary) > MAX_BOUNDARY or deep:
             _degrade(part)
             end = scanner.scan(stack, start)
         else:
@@ -838,7 +841,8 @@ C{(None, None, name, None)}, group end C{(None, None, None, None)}."""
 
 _GROUP_END: Address = (None, None, None, None)
 _ADDR_SPECIALS = frozenset(b"<>@,;:.")
-_ATOM_STOP = frozenset(b' \t\r\n()<>@,;:."[')
+_ATOM_STOP = frozenset(b' \t\r\n(<>@,;:."[')
+"""Bytes that end an atom: each starts another token (a stray C{)} or C{]} is atom text)."""
 
 _Token = tuple[str, bytes]
 
@@ -897,6 +901,7 @@ def _address_tokens(data: bytes) -> list[_Token]:
             i += 1
         else:
             start = i
+            i += 1  # c itself is atom text, whatever it is: always progress
             while i < n and data[i] not in _ATOM_STOP:
                 i += 1
             tokens.append(("atom", data[start:i]))
@@ -1019,7 +1024,7 @@ def parse_addresses(value: bytes) -> list[Address]:
     their members and an end marker (RFC 3501 §7.4.2). Never raises: entries that make no sense
     are skipped or get L{MISSING_MAILBOX} / L{MISSING_DOMAIN}, and parsing goes on after them.
     """
-    tokens = _address_tokens(value)
+    tokens = _address_tokens(value.replace(b"\r", b"").replace(b"\n", b""))
     out: list[Address] = []
     in_group = False
     i = 0
