@@ -169,6 +169,7 @@ class Authenticator:
         self._throttle = throttle
         self._primary_domain = primary_domain.strip().lower()
         self.portal = Portal(AccountRealm(), [DirectoryChecker(directory, reactor, pool)])
+        self._slots = DeferredSemaphore(2)
 
     def authenticate(self, peer_host: str, username: str, password: str) -> Deferred[str]:
         """
@@ -199,13 +200,25 @@ class Authenticator:
                 account.encode("utf-8", "surrogatepass"),
                 password.encode("utf-8", "surrogatepass"),
             )
-            _, avatar, _ = await self.portal.login(credentials, None, IAccount)
+            await self._slots.acquire()
+            try:
+                # Asked again now that this check's turn has come: guesses sent in parallel
+                # stop as soon as enough of the earlier ones have failed.
+                if self._throttle.refused(peer_host):
+                    attempt.abandon()
+                    log.auth_throttled(peer_host, username)
+                    raise Throttled()
+                _, avatar, _ = await self.portal.login(credentials, None, IAccount)
+            finally:
+                self._slots.release()
         except UnauthorizedLogin:
             delay = attempt.failed(account)
             log.auth_failed(peer_host, username)
             if delay > 0:
                 await deferLater(self._clock, delay)
             raise LoginFailed()
+        except Throttled:
+            raise
         except BaseException:
             attempt.abandon()
             raise

@@ -81,9 +81,11 @@ class AuthThrottle:
     anyone lock a user out of their mail by guessing wrong on purpose. The real user, from
     another address, gets in at once (a success is never delayed).
 
-    Checks still running count against their client as if they had failed, so that a client
-    cannot get more than C{max_failures} guesses by sending them all at once on parallel
-    connections (see L{attempt}).
+    Checks still running do not count as failures (a mail client opens several connections
+    and logs in on all of them at once), but a client may have at most C{max_pending} at a
+    time, and the caller asks L{refused} again right before each check runs: so a client
+    sending guesses in parallel gets at most C{max_failures} plus the few checks already
+    running.
 
     Memory is bounded: failures older than C{window} are forgotten, and at most C{max_clients}
     clients and C{max_accounts} accounts are tracked; past that, the one whose last failure is
@@ -100,6 +102,7 @@ class AuthThrottle:
         max_delay: float = 30.0,
         max_clients: int = 10_000,
         max_accounts: int = 10_000,
+        max_pending: int = 32,
     ) -> None:
         """
         @param clock: the time source, C{seconds()} only.
@@ -118,6 +121,7 @@ class AuthThrottle:
         self.max_delay = max(max_delay, delay)
         self.max_clients = max_clients
         self.max_accounts = max_accounts
+        self.max_pending = max_pending
         # Both dicts are ordered by last failure, oldest first: expired and evicted entries are
         # always at the front. A client's list holds (time, account) for its newest failures,
         # at most max_failures of them, which is all that refused() needs.
@@ -169,11 +173,10 @@ class AuthThrottle:
     def refused(self, host: str) -> bool:
         """
         Whether a login from C{host} must be refused at once, with no password check: its
-        client has made C{max_failures} failures in the window (checks in progress included).
+        client has made C{max_failures} failures in the window.
         """
         now = self.clock.seconds()
-        key = client_key(host)
-        return self._recent(key, now) + self._pending.get(key, 0) >= self.max_failures
+        return self._recent(client_key(host), now) >= self.max_failures
 
     def attempt(self, host: str) -> AuthAttempt | None:
         """
@@ -182,9 +185,9 @@ class AuthThrottle:
         @return: C{None} when L{refused}; else the attempt, counted against its client until it
             ends with L{AuthAttempt.failed}, L{AuthAttempt.succeeded} or L{AuthAttempt.abandon}.
         """
-        if self.refused(host):
-            return None
         key = client_key(host)
+        if self.refused(host) or self._pending.get(key, 0) >= self.max_pending:
+            return None
         self._pending[key] = self._pending.get(key, 0) + 1
         return AuthAttempt(self, host, key)
 

@@ -395,6 +395,47 @@ class UserTests(DirectoryTestCase):
             self.assertNotIn(password.encode(), file.read_bytes(), file)
 
 
+class VerifiedCacheTests(DirectoryTestCase):
+    """A successful password check is remembered; nothing stale or wrong ever matches."""
+
+    def directory_with(self, hasher: RecordingHasher) -> SQLiteDirectory:
+        path = Path(self.mktemp())
+        path.mkdir()
+        directory = SQLiteDirectory(path / "d.sqlite", "example.org", hasher=hasher)
+        self.addCleanup(directory.close)
+        directory.add_domain("example.org")
+        directory.add_user("alice@example.org", "alice-password")
+        return directory
+
+    def test_second_login_skips_argon2(self) -> None:
+        hasher = RecordingHasher()
+        directory = self.directory_with(hasher)
+        self.assertTrue(directory.verify_password("alice@example.org", "alice-password"))
+        self.assertTrue(directory.verify_password("alice@example.org", "alice-password"))
+        self.assertTrue(directory.verify_password("Alice@Example.org", b"alice-password"))
+        self.assertEqual(len(hasher.verified), 1)
+
+    def test_wrong_password_is_never_remembered(self) -> None:
+        hasher = RecordingHasher()
+        directory = self.directory_with(hasher)
+        self.assertTrue(directory.verify_password("alice@example.org", "alice-password"))
+        self.assertFalse(directory.verify_password("alice@example.org", "alice-passwore"))
+        self.assertFalse(directory.verify_password("alice@example.org", "wrong"))
+        self.assertEqual(len(hasher.verified), 3)
+
+    def test_new_password_forgets_the_old_one(self) -> None:
+        """After `user passwd` (here from a second connection, as the CLI does) the old
+        password no longer works, though it was remembered."""
+        hasher = RecordingHasher()
+        directory = self.directory_with(hasher)
+        self.assertTrue(directory.verify_password("alice@example.org", "alice-password"))
+        other = SQLiteDirectory(directory.path, "example.org", hasher=cheap_hasher())
+        other.set_password("alice@example.org", "new-password")
+        other.close()
+        self.assertFalse(directory.verify_password("alice@example.org", "alice-password"))
+        self.assertTrue(directory.verify_password("alice@example.org", "new-password"))
+
+
 class AliasTests(DirectoryTestCase):
     """Alias management."""
 

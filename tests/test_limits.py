@@ -153,6 +153,7 @@ class AuthThrottleTests(SynchronousTestCase):
         max_delay: float = 30.0,
         max_clients: int = 10_000,
         max_accounts: int = 10_000,
+        max_pending: int = 32,
     ) -> AuthThrottle:
         """A throttle on C{self.clock} with a 600 s window."""
         return AuthThrottle(
@@ -163,6 +164,7 @@ class AuthThrottleTests(SynchronousTestCase):
             max_delay=max_delay,
             max_clients=max_clients,
             max_accounts=max_accounts,
+            max_pending=max_pending,
         )
 
     def fail_times(self, throttle: AuthThrottle, host: str, account: str, n: int) -> list[float]:
@@ -309,27 +311,30 @@ class AuthThrottleTests(SynchronousTestCase):
         self.assertIsNone(throttle.attempt("192.0.2.1"))
         self.assertIsNotNone(throttle.attempt("192.0.2.2"))
 
-    def test_checks_in_progress_count(self) -> None:
+    def test_checks_in_progress_do_not_count_but_are_capped(self) -> None:
         """
-        A client cannot get more than max_failures guesses by sending them in parallel: checks
-        still running count against it.
+        Logins still being checked are not failures (a mail client logs in on several
+        connections at once), but one client may have at most max_pending of them.
         """
-        throttle = self.throttle()
-        attempts = [throttle.attempt("192.0.2.1") for _ in range(5)]
+        throttle = self.throttle(max_failures=2, max_pending=4)
+        attempts = [throttle.attempt("192.0.2.1") for _ in range(4)]
         self.assertNotIn(None, attempts)
+        self.assertFalse(throttle.refused("192.0.2.1"))
         self.assertIsNone(throttle.attempt("192.0.2.1"))
         self.assertIsNotNone(throttle.attempt("192.0.2.2"))
+        attempts[0].succeeded("a@example.org")  # type: ignore[union-attr]
+        self.assertIsNotNone(throttle.attempt("192.0.2.1"))
 
     def test_attempt_end_releases_its_slot(self) -> None:
         """
         Success and abandon free the in-progress slot without counting a failure; failure
         turns it into a counted failure.
         """
-        throttle = self.throttle(max_failures=2)
+        throttle = self.throttle(max_failures=2, max_pending=2)
         first = throttle.attempt("192.0.2.1")
         second = throttle.attempt("192.0.2.1")
         assert first is not None and second is not None
-        self.assertTrue(throttle.refused("192.0.2.1"))
+        self.assertIsNone(throttle.attempt("192.0.2.1"))
         first.succeeded("a@example.org")
         second.abandon()
         self.assertFalse(throttle.refused("192.0.2.1"))
@@ -339,20 +344,20 @@ class AuthThrottleTests(SynchronousTestCase):
         self.assertFalse(throttle.refused("192.0.2.1"))
         fourth = throttle.attempt("192.0.2.1")
         assert fourth is not None
-        self.assertTrue(throttle.refused("192.0.2.1"))
         fourth.failed("a@example.org")
         self.assertTrue(throttle.refused("192.0.2.1"))
 
     def test_attempt_ends_once(self) -> None:
         """Ending an attempt twice releases one slot and counts one failure."""
-        throttle = self.throttle(max_failures=3)
+        throttle = self.throttle(max_failures=2, max_pending=2)
         keep = throttle.attempt("192.0.2.1")
         attempt = throttle.attempt("192.0.2.1")
         assert keep is not None and attempt is not None
         attempt.failed("a@example.org")
         attempt.failed("a@example.org")
         attempt.abandon()
-        # One pending (keep) + one failure: one more attempt allowed, not two.
+        # One failure counted (not two), one slot freed (not two).
+        self.assertFalse(throttle.refused("192.0.2.1"))
         self.assertIsNotNone(throttle.attempt("192.0.2.1"))
         self.assertIsNone(throttle.attempt("192.0.2.1"))
 
