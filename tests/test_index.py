@@ -752,20 +752,25 @@ class FolderTests(IndexTestCase):
             self.index.create_folder("inbox")
 
     def test_list_inbox_first(self) -> None:
-        """folders() lists INBOX first, then by name, with subscription and special use."""
+        """
+        folders() lists INBOX first, then by name, with subscription and special use. INBOX
+        and special-use folders start subscribed; a plain CREATE does not subscribe.
+        """
         for name in ("Zeta", "Alpha", "Alpha/Sub"):
             self.index.create_folder(name)
         self.index.create_folder("Sent", special_use="\\Sent")
-        self.index.set_subscribed("Zeta", False)
+        self.index.set_subscribed("Zeta", True)
+        self.index.set_subscribed("Alpha", True)
+        self.index.set_subscribed("Alpha", False)
         listed = [(f.name, f.subscribed, f.special_use) for f in self.index.folders()]
         self.assertEqual(
             listed,
             [
                 (INBOX, True, ""),
-                ("Alpha", True, ""),
-                ("Alpha/Sub", True, ""),
+                ("Alpha", False, ""),
+                ("Alpha/Sub", False, ""),
                 ("Sent", True, "\\Sent"),
-                ("Zeta", False, ""),
+                ("Zeta", True, ""),
             ],
         )
 
@@ -811,6 +816,61 @@ class FolderTests(IndexTestCase):
         after = index.state("C/B")
         self.assertEqual((after.uidvalidity, after.messages), (before.uidvalidity, before.messages))
         self.assertEqual([f.name for f in index.folders()], [INBOX, "C", "C/B"])
+
+    def test_subscriptions_outlive_folders(self) -> None:
+        """
+        A name may be subscribed without a folder, stays subscribed when its folder is deleted
+        (RFC 3501 §6.3.6), and follows a rename.
+        """
+        self.index.set_subscribed("Nowhere", True)
+        self.index.create_folder("Old")
+        self.index.set_subscribed("Old", True)
+        self.index.create_folder("Gone")
+        self.index.set_subscribed("Gone", True)
+        self.index.delete_folder("Gone")
+        self.index.rename_folder("Old", "New")
+        self.assertEqual(self.index.subscriptions(), ["Gone", INBOX, "New", "Nowhere"])
+
+    def test_claim_recent(self) -> None:
+        """The first read-write look claims the new messages as recent; the next claims none."""
+        self.deliver()
+        self.deliver()
+        self.index.sync(INBOX)
+        self.assertEqual(self.index.recent_count(INBOX), 2)
+        self.assertEqual(self.index.claim_recent(INBOX), 1)
+        self.assertEqual(self.index.recent_count(INBOX), 0)
+        self.deliver()
+        self.index.sync(INBOX)
+        self.assertEqual(self.index.claim_recent(INBOX), 3)
+        self.assertEqual(self.index.claim_recent(INBOX), 4)
+
+    def test_move_within_a_folder_gives_a_new_uid(self) -> None:
+        """MOVE into the folder it is in (RFC 6851): the message gets a new UID."""
+        self.deliver()
+        self.index.sync(INBOX)
+        pairs = self.index.copy(INBOX, [1], INBOX, move=True)
+        self.assertEqual(pairs, [(1, 2)])
+        self.assertEqual([m.uid for m in self.index.state(INBOX).messages], [2])
+        self.assertEqual(len(os.listdir(self.root / "cur")), 1)
+
+    def test_migration_from_version_1(self) -> None:
+        """An index written by the first version keeps its folders and subscriptions."""
+        self.index.create_folder("Kept")
+        self.index.close()
+        db = sqlite3.connect(self.root / "index.sqlite")
+        db.execute("DROP TABLE subscriptions")
+        db.execute(
+            "CREATE TABLE f2 AS SELECT id, name, uidvalidity, uidnext, highestmodseq,"
+            " subscribed, special_use, cur_mtime FROM folders"
+        )
+        db.execute("DROP TABLE folders")
+        db.execute("ALTER TABLE f2 RENAME TO folders")
+        db.execute("PRAGMA user_version=1")
+        db.commit()
+        db.close()
+        index = self.open_index()
+        self.assertEqual(index.subscriptions(), [INBOX, "Kept"])
+        self.assertEqual(index.claim_recent("Kept"), 1)
 
     def test_delete_and_recreate(self) -> None:
         """A deleted folder is gone from disk and index; recreated, it has a new UIDVALIDITY."""

@@ -59,7 +59,7 @@ _INFO_FLAGS = {
 }
 _FLAG_INFO = {v: k for k, v in _INFO_FLAGS.items()}
 
-_SCHEMA_VERSION = 1
+_SCHEMA_VERSION = 2
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS folders (
@@ -70,7 +70,8 @@ CREATE TABLE IF NOT EXISTS folders (
     highestmodseq INTEGER NOT NULL,
     subscribed INTEGER NOT NULL DEFAULT 1,
     special_use TEXT NOT NULL DEFAULT '',
-    cur_mtime INTEGER NOT NULL DEFAULT -1
+    cur_mtime INTEGER NOT NULL DEFAULT -1,
+    recent_uid INTEGER NOT NULL DEFAULT 1
 );
 CREATE TABLE IF NOT EXISTS messages (
     folder INTEGER NOT NULL,
@@ -90,12 +91,23 @@ CREATE TABLE IF NOT EXISTS expunged (
     modseq INTEGER NOT NULL,
     PRIMARY KEY (folder, uid)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS subscriptions (name TEXT PRIMARY KEY) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS unlink_pending (
     folder INTEGER NOT NULL,
     filename TEXT NOT NULL,
     PRIMARY KEY (folder, filename)
 ) WITHOUT ROWID;
 """
+
+_MIGRATIONS = {
+    # 1 -> 2: subscriptions by name, apart from the folders (RFC 3501 §6.3.6: a subscription
+    # outlives its folder and may name one that does not exist); the \Recent marker.
+    1: """
+    CREATE TABLE IF NOT EXISTS subscriptions (name TEXT PRIMARY KEY) WITHOUT ROWID;
+    INSERT OR IGNORE INTO subscriptions SELECT name FROM folders WHERE subscribed = 1;
+    ALTER TABLE folders ADD COLUMN recent_uid INTEGER NOT NULL DEFAULT 1;
+    """,
+}
 
 _W_SIZE = re.compile(r",W=(\d+)")
 _FOLDER_CHARS = re.compile(r"[\x00-\x1f\x7f]")
@@ -301,8 +313,21 @@ class MailIndex:
             if version == 0:
                 db.executescript(_SCHEMA)
                 db.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
-            elif version != _SCHEMA_VERSION:
-                raise sqlite3.DatabaseError(f"unknown index schema version {version}")
+                version = _SCHEMA_VERSION
+            while version in _MIGRATIONS:
+                db.execute("BEGIN IMMEDIATE")
+                try:
+                    for statement in _MIGRATIONS[version].split(";"):
+                        if statement.strip():
+                            db.execute(statement)
+                    version += 1
+                    db.execute(f"PRAGMA user_version={version}")
+                except BaseException:
+                    db.execute("ROLLBACK")
+                    raise
+                db.execute("COMMIT")
+            if version != _SCHEMA_VERSION:
+                raise sqlite3.OperationalError(f"unknown index schema version {version}")
             db.execute("SELECT count(*) FROM folders").fetchone()
         except BaseException:
             db.close()
@@ -374,13 +399,19 @@ class MailIndex:
         with self._transaction() as db:
             for name in sorted(names):
                 self._insert_folder(db, name)
+                db.execute("INSERT OR IGNORE INTO subscriptions (name) VALUES (?)", (name,))
 
     def folders(self) -> list[FolderInfo]:
         """Every folder, INBOX first, then by name."""
         rows = self._db.execute(
-            "SELECT name, subscribed, special_use FROM folders ORDER BY name != 'INBOX', name"
+            "SELECT f.name, s.name IS NOT NULL, f.special_use FROM folders f"
+            " LEFT JOIN subscriptions s ON s.name = f.name ORDER BY f.name != 'INBOX', f.name"
         ).fetchall()
         return [FolderInfo(n, bool(s), u) for n, s, u in rows]
+
+    def subscriptions(self) -> list[str]:
+        """Every subscribed name, whether or not a folder of that name exists (LSUB)."""
+        return [n for (n,) in self._db.execute("SELECT name FROM subscriptions ORDER BY name")]
 
     def create_folder(self, name: str, special_use: str = "") -> None:
         """
@@ -397,6 +428,10 @@ class MailIndex:
         (path / "maildirfolder").touch()
         with self._transaction() as db:
             self._insert_folder(db, name, special_use)
+            if special_use:
+                # The folders every account starts with are shown by clients that list only
+                # subscribed folders; a client's CREATE is followed by its own SUBSCRIBE.
+                db.execute("INSERT OR IGNORE INTO subscriptions (name) VALUES (?)", (name,))
 
     def delete_folder(self, name: str) -> None:
         """
@@ -443,6 +478,9 @@ class MailIndex:
         with self._transaction() as db:
             for name, target in pairs:
                 db.execute("UPDATE folders SET name = ? WHERE name = ?", (target, name))
+                db.execute(
+                    "UPDATE OR IGNORE subscriptions SET name = ? WHERE name = ?", (target, name)
+                )
             db.execute(
                 "INSERT OR REPLACE INTO meta (key, value) VALUES ('rename_pending', ?)",
                 (json.dumps(pairs),),
@@ -463,9 +501,38 @@ class MailIndex:
             db.execute("DELETE FROM meta WHERE key = 'rename_pending'")
 
     def set_subscribed(self, name: str, subscribed: bool) -> None:
+        """Subscribe to C{name} or not; the folder need not exist (RFC 3501 §6.3.6)."""
         name = check_folder_name(name)
         with self._transaction() as db:
-            db.execute("UPDATE folders SET subscribed = ? WHERE name = ?", (int(subscribed), name))
+            if subscribed:
+                db.execute("INSERT OR IGNORE INTO subscriptions (name) VALUES (?)", (name,))
+            else:
+                db.execute("DELETE FROM subscriptions WHERE name = ?", (name,))
+
+    def claim_recent(self, name: str) -> int:
+        """
+        A read-write SELECT claims the folder's new messages as recent for its session
+        (RFC 3501 §2.3.2: one session sees a message as recent): returns the lowest UID that
+        is recent for the caller (every UID at or above it), and moves the marker past
+        UIDNEXT so that no other session sees them so.
+        """
+        folder_id = self._require_folder(name)[0]
+        with self._transaction() as db:
+            first, uidnext = db.execute(
+                "SELECT recent_uid, uidnext FROM folders WHERE id = ?", (folder_id,)
+            ).fetchone()
+            db.execute("UPDATE folders SET recent_uid = ? WHERE id = ?", (uidnext, folder_id))
+        return int(first)
+
+    def recent_count(self, name: str) -> int:
+        """Messages not yet claimed as recent by any session (STATUS RECENT)."""
+        folder_id = self._require_folder(name)[0]
+        (n,) = self._db.execute(
+            "SELECT count(*) FROM messages m JOIN folders f ON f.id = m.folder"
+            " WHERE m.folder = ? AND m.uid >= f.recent_uid",
+            (folder_id,),
+        ).fetchone()
+        return int(n)
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -860,8 +927,6 @@ class MailIndex:
         target = check_folder_name(target)
         src_id = self._require_folder(name)[0]
         dst_id = self._require_folder(target)[0]
-        if src_id == dst_id and move:
-            return []
         src_cur = folder_directory(self.root, name) / "cur"
         dst_cur = folder_directory(self.root, target) / "cur"
         rows = []
