@@ -853,12 +853,24 @@ class FolderTests(IndexTestCase):
         self.assertEqual([m.uid for m in self.index.state(INBOX).messages], [2])
         self.assertEqual(len(os.listdir(self.root / "cur")), 1)
 
+    def test_parsed_cache(self) -> None:
+        """ENVELOPE/BODY/BODYSTRUCTURE are kept per message and go with it on expunge."""
+        self.deliver()
+        self.deliver()
+        self.index.sync(INBOX)
+        self.assertEqual(self.index.parsed(INBOX, [1, 2]), {})
+        self.index.remember_parsed(INBOX, {1: (b"(env)", b"(body)", b"(bs)"), 9: (b"", b"", b"")})
+        self.assertEqual(self.index.parsed(INBOX, [1, 2, 9]), {1: (b"(env)", b"(body)", b"(bs)")})
+        self.index.expunge(INBOX, [1])
+        self.assertEqual(self.index.parsed(INBOX, [1]), {})
+
     def test_migration_from_version_1(self) -> None:
         """An index written by the first version keeps its folders and subscriptions."""
         self.index.create_folder("Kept")
         self.index.close()
         db = sqlite3.connect(self.root / "index.sqlite")
         db.execute("DROP TABLE subscriptions")
+        db.execute("DROP TABLE parsed")
         db.execute(
             "CREATE TABLE f2 AS SELECT id, name, uidvalidity, uidnext, highestmodseq,"
             " subscribed, special_use, cur_mtime FROM folders"

@@ -59,7 +59,7 @@ _INFO_FLAGS = {
 }
 _FLAG_INFO = {v: k for k, v in _INFO_FLAGS.items()}
 
-_SCHEMA_VERSION = 2
+_SCHEMA_VERSION = 3
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS folders (
@@ -92,6 +92,14 @@ CREATE TABLE IF NOT EXISTS expunged (
     PRIMARY KEY (folder, uid)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS subscriptions (name TEXT PRIMARY KEY) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS parsed (
+    folder INTEGER NOT NULL,
+    uid INTEGER NOT NULL,
+    envelope BLOB NOT NULL,
+    body BLOB NOT NULL,
+    bodystructure BLOB NOT NULL,
+    PRIMARY KEY (folder, uid)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS unlink_pending (
     folder INTEGER NOT NULL,
     filename TEXT NOT NULL,
@@ -106,6 +114,17 @@ _MIGRATIONS = {
     CREATE TABLE IF NOT EXISTS subscriptions (name TEXT PRIMARY KEY) WITHOUT ROWID;
     INSERT OR IGNORE INTO subscriptions SELECT name FROM folders WHERE subscribed = 1;
     ALTER TABLE folders ADD COLUMN recent_uid INTEGER NOT NULL DEFAULT 1;
+    """,
+    # 2 -> 3: ENVELOPE, BODY and BODYSTRUCTURE of messages, computed once (IMAP FETCH).
+    2: """
+    CREATE TABLE IF NOT EXISTS parsed (
+        folder INTEGER NOT NULL,
+        uid INTEGER NOT NULL,
+        envelope BLOB NOT NULL,
+        body BLOB NOT NULL,
+        bodystructure BLOB NOT NULL,
+        PRIMARY KEY (folder, uid)
+    ) WITHOUT ROWID;
     """,
 }
 
@@ -449,7 +468,7 @@ class MailIndex:
             os.rename(path, trash)
             fsync_dir(self.root)
         with self._transaction() as db:
-            for table in ("messages", "expunged", "unlink_pending"):
+            for table in ("messages", "expunged", "unlink_pending", "parsed"):
                 db.execute(f"DELETE FROM {table} WHERE folder = ?", (folder_id,))  # noqa: S608
             db.execute("DELETE FROM folders WHERE id = ?", (folder_id,))
         _remove_tree(trash)
@@ -557,6 +576,38 @@ class MailIndex:
             (folder_id,),
         ).fetchone()
         return count, octets, uidvalidity, uidnext, highestmodseq
+
+    def parsed(self, name: str, uids: Sequence[int]) -> dict[int, tuple[bytes, bytes, bytes]]:
+        """
+        The cached (ENVELOPE, BODY, BODYSTRUCTURE) of those of C{uids} that have them: a
+        message file never changes, so what was computed from it once stays true.
+        """
+        folder_id = self._require_folder(name)[0]
+        out: dict[int, tuple[bytes, bytes, bytes]] = {}
+        for i in range(0, len(uids), 500):
+            chunk = list(uids[i : i + 500])
+            marks = ",".join("?" * len(chunk))
+            rows = self._db.execute(
+                "SELECT uid, envelope, body, bodystructure FROM parsed"  # noqa: S608
+                f" WHERE folder = ? AND uid IN ({marks})",
+                (folder_id, *chunk),
+            )
+            for uid, envelope, body, structure in rows:
+                out[uid] = (bytes(envelope), bytes(body), bytes(structure))
+        return out
+
+    def remember_parsed(self, name: str, entries: dict[int, tuple[bytes, bytes, bytes]]) -> None:
+        """Cache what L{parsed} returns (not durable on its own: it can be computed again)."""
+        if not entries:
+            return
+        folder_id = self._require_folder(name)[0]
+        with self._transaction() as db:
+            db.executemany(
+                "INSERT OR REPLACE INTO parsed (folder, uid, envelope, body, bodystructure)"
+                " SELECT ?, ?, ?, ?, ? WHERE EXISTS"
+                " (SELECT 1 FROM messages WHERE folder = ? AND uid = ?)",
+                [(folder_id, uid, e, b, bs, folder_id, uid) for uid, (e, b, bs) in entries.items()],
+            )
 
     def uidvalidity(self, name: str) -> int:
         return self._require_folder(name)[1]
@@ -735,6 +786,7 @@ class MailIndex:
     ) -> None:
         for uid in uids:
             db.execute("DELETE FROM messages WHERE folder = ? AND uid = ?", (folder_id, uid))
+            db.execute("DELETE FROM parsed WHERE folder = ? AND uid = ?", (folder_id, uid))
             db.execute(
                 "INSERT OR REPLACE INTO expunged (folder, uid, modseq) VALUES (?, ?, ?)",
                 (folder_id, uid, modseq),
