@@ -37,6 +37,7 @@ from mailserver import log
 from mailserver.auth import LoginFailed, Throttled
 from mailserver.imap import message as mime
 from mailserver.imap.parser import (
+    INLINE_LITERAL_MAX,
     AndKey,
     BadCharset,
     Command,
@@ -64,7 +65,7 @@ from mailserver.imap.search import Matcher
 from mailserver.imap.selected import SelectedMailbox, compress_uids, flag_list
 from mailserver.limits import ConnectionLimiter
 from mailserver.sessions import SessionTracker
-from mailserver.store.index import INBOX, SEPARATOR, FolderError, MessageInfo
+from mailserver.store.index import INBOX, SEPARATOR, FolderError, MessageInfo, check_folder_name
 from mailserver.store.mailbox import Folder, MailboxStore
 from mailserver.transport import pause, set_nodelay, write_now
 
@@ -141,6 +142,19 @@ class _Spill:
 
     def discard(self) -> None:
         self.file.close()
+
+
+class _Discard:
+    """The sink for a large literal of a command that cannot use one: the data is dropped."""
+
+    def write(self, data: bytes) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def discard(self) -> None:
+        pass
 
 
 @implementer(IPushProducer)
@@ -222,8 +236,12 @@ class IMAPServer(Protocol):
             open_literal=self._open_literal,
         )
 
-    def _open_literal(self, info: LiteralInfo) -> _Spill:
-        return _Spill(self._s.spill_dir)
+    def _open_literal(self, info: LiteralInfo) -> _Spill | _Discard:
+        # Only APPEND takes a literal this large (a message); for any other command it is
+        # refused once the command is read (TOOBIG), so it is not worth a file.
+        if info.name == "APPEND":
+            return _Spill(self._s.spill_dir)
+        return _Discard()
 
     # -- connection ------------------------------------------------------------------------
 
@@ -343,6 +361,8 @@ class IMAPServer(Protocol):
         if not self._busy and self._paused and self._state != _LOGOUT:
             self._paused = False
             pause(self.transport, False)
+        if not self._busy and self._state == _SELECTED:
+            self._push()
 
     def _event(self, event: object) -> None:
         if isinstance(event, Command):
@@ -360,9 +380,14 @@ class IMAPServer(Protocol):
 
     def _continuation(self, event: NeedContinuation) -> None:
         info = event.info
-        allowed = info.name in ("APPEND",) and self._state in (_AUTH, _SELECTED)
-        if not allowed:
-            self._bad(info.tag, "Literal not expected here")
+        # RFC 3501 §4.3: a literal may stand for any string (a LOGIN password with a quote
+        # in it, a SEARCH string in UTF-8, a mailbox name); only APPEND takes a large one.
+        if info.name == "APPEND":
+            refusal = None if self._state in (_AUTH, _SELECTED) else "APPEND not allowed now"
+        else:
+            refusal = "Literal too big for this command" if info.size > INLINE_LITERAL_MAX else None
+        if refusal is not None:
+            self._bad(info.tag, refusal, "TOOBIG" if info.name != "APPEND" else None)
             self._queue.extend(self._framer.refuse())
             return
         self._out.append(b"+ Ready for literal data\r\n")
@@ -629,17 +654,44 @@ class IMAPServer(Protocol):
         if name.upper() == INBOX:
             raise FolderError("INBOX exists already")
         account = self._require_account()
-        d = self._store.create_folder(account, name, use)
+        name = check_folder_name(name)
+        parts = name.split(SEPARATOR)
+        parents = [SEPARATOR.join(parts[:i]) for i in range(1, len(parts))]
+
+        def create(index: Any) -> None:
+            # RFC 3501 §6.3.3: create the superior names too, so that LIST "" "%" shows a
+            # way down to the new folder (Thunderbird walks the hierarchy that way).
+            existing = {f.name for f in index.folders()}
+            for parent in parents:
+                if parent not in existing and parent != INBOX:
+                    index.create_folder(parent)
+            index.create_folder(name, use)
+
+        d = self._store.run(account, create)
         return d.addCallback(lambda _: self._tagged(tag, "OK", "CREATE completed"))
 
     def _delete(self, tag: str, r: Reader) -> Deferred[None]:
         name = self._mailbox_arg(r)
         r.end()
-        if self._box is not None and self._box.name == name:
-            self._unselect()
-            self._state = _AUTH
-        d = self._store.delete_folder(self._require_account(), name)
-        return d.addCallback(lambda _: self._tagged(tag, "OK", "DELETE completed"))
+        account = self._require_account()
+
+        def deleted(_: object) -> None:
+            if self._box is not None and self._box.name == name:
+                # The session's own selected folder: back to the authenticated state.
+                self._unselect()
+                self._state = _AUTH
+            self._store.changed(account, check_folder_name(name))  # others on it: BYE
+            self._tagged(tag, "OK", "DELETE completed")
+
+        def delete(index: Any) -> None:
+            # RFC 3501 §6.3.4 would keep the name as \Noselect for its subfolders, which
+            # the index has no way to say; refuse instead, as Dovecot does (RFC 9051 §7.1).
+            prefix = check_folder_name(name) + SEPARATOR
+            if any(f.name.startswith(prefix) for f in index.folders()):
+                raise FolderError("[HASCHILDREN] Folder has subfolders; delete them first")
+            index.delete_folder(name)
+
+        return self._store.run(account, delete).addCallback(deleted)
 
     def _rename(self, tag: str, r: Reader) -> Deferred[None]:
         old = self._mailbox_arg(r)
@@ -650,7 +702,16 @@ class IMAPServer(Protocol):
             d = self._rename_inbox(account, new)
         else:
             d = self._store.rename_folder(account, old, new)
-        return d.addCallback(lambda _: self._tagged(tag, "OK", "RENAME completed"))
+
+        def renamed(_: object) -> None:
+            if old != INBOX and self._box is not None and self._box.name == old:
+                self._unselect()
+                self._state = _AUTH
+            # Sessions on the old name: INBOX was emptied, another folder is gone (BYE).
+            self._store.changed(account, check_folder_name(old))
+            self._tagged(tag, "OK", "RENAME completed")
+
+        return d.addCallback(renamed)
 
     def _rename_inbox(self, account: str, new: str) -> Deferred[None]:
         """RFC 3501 §6.3.5: renaming INBOX moves its messages to the new folder."""
@@ -709,8 +770,8 @@ class IMAPServer(Protocol):
                 self._out.append(f'* LIST (\\Noselect) "{SEPARATOR}" ""\r\n'.encode())
             else:
                 names = {f.name for f in folders}
+                full = [reference + p for p in patterns]
                 for folder in folders:
-                    full = [reference + p for p in patterns]
                     if not any(_matches(p, folder.name) for p in full):
                         continue
                     if subscribed_only and not folder.subscribed:
@@ -726,17 +787,39 @@ class IMAPServer(Protocol):
                             "SPECIAL-USE" in return_opts or not return_opts or special_only
                         ):
                             attrs.append(folder.special_use)
-                        if "SUBSCRIBED" in selection and folder.subscribed:
-                            attrs.append("\\Subscribed")
-                    line = (
-                        f'* {word} ({" ".join(attrs)}) "{SEPARATOR}" '.encode()
-                        + self._name_out(folder.name)
-                        + b"\r\n"
-                    )
-                    self._out.append(line)
+                        wants_subscribed = "SUBSCRIBED" in selection or "SUBSCRIBED" in return_opts
+                        if wants_subscribed and folder.subscribed:
+                            attrs.append("\\Subscribed")  # RFC 5258 §3.2 and §3.1
+                    self._list_line(word, attrs, folder.name)
+                if lsub:
+                    self._lsub_parents(folders, full)
             self._tagged(tag, "OK", f"{word} completed")
 
         return d.addCallback(answer)
+
+    def _list_line(self, word: str, attrs: list[str], name: str) -> None:
+        line = f'* {word} ({" ".join(attrs)}) "{SEPARATOR}" '.encode() + self._name_out(name)
+        self._out.append(line + b"\r\n")
+
+    def _lsub_parents(self, folders: list[Any], patterns: list[str]) -> None:
+        """
+        RFC 3501 §6.3.9: when C{foo/bar} is subscribed and C{foo} is not, C{LSUB "" "%"}
+        answers C{foo} with C{\\Noselect}, so that a client walking the tree finds C{bar}.
+        """
+        subscribed = {f.name for f in folders if f.subscribed}
+        told: set[str] = set()
+        for name in sorted(subscribed):
+            if any(_matches(p, name) for p in patterns):
+                continue
+            parts = name.split(SEPARATOR)
+            for i in range(len(parts) - 1, 0, -1):
+                parent = SEPARATOR.join(parts[:i])
+                if parent in subscribed or parent in told:
+                    break
+                if any(_matches(p, parent) for p in patterns):
+                    told.add(parent)
+                    self._list_line("LSUB", ["\\Noselect"], parent)
+                    break
 
     def _lsub(self, tag: str, r: Reader) -> Deferred[None]:
         return self._list(tag, r, lsub=True)
@@ -747,10 +830,25 @@ class IMAPServer(Protocol):
         items = [str(i).upper() for i in r.paren_list(r.atom)]
         r.end()
         account = self._require_account()
+        box = self._box
 
         def look(index: Any) -> tuple[tuple[int, int, int, int, int], int]:
             index.sync(name)
             return index.status(name), index.unseen(name)
+
+        def selected(_: object) -> tuple[tuple[int, int, int, int, int], int]:
+            # The selected folder: the session's own view, just refreshed (and its changes
+            # told), so that STATUS never counts a message the client was not told of.
+            assert box is not None
+            infos = [box.messages[u] for u in box.uids]
+            counts = (
+                box.exists,
+                sum(m.size for m in infos),
+                box.uidvalidity,
+                box.uidnext,
+                box.highestmodseq,
+            )
+            return counts, sum(1 for m in infos if "\\Seen" not in m.flags)
 
         def answer(result: tuple[tuple[int, int, int, int, int], int]) -> None:
             (count, octets, uidvalidity, uidnext, modseq), unseen = result
@@ -777,7 +875,14 @@ class IMAPServer(Protocol):
             f.trap(ParseError)
             self._bad(tag, str(f.value))
 
-        return self._store.run(account, look).addCallback(answer).addErrback(bad)
+        refreshed = (
+            self._refresh(allow_expunge=True) if box is not None and box.name == name else None
+        )
+        if refreshed is not None:
+            d = refreshed.addCallback(selected)
+        else:
+            d = self._store.run(account, look)
+        return d.addCallback(answer).addErrback(bad)
 
     def _select(self, tag: str, r: Reader, read_only: bool = False) -> Deferred[None]:
         name = self._mailbox_arg(r)
@@ -833,7 +938,7 @@ class IMAPServer(Protocol):
     def _append(self, tag: str, r: Reader) -> Deferred[None]:
         command = parse_append(r)
         account = self._require_account()
-        name = command.mailbox
+        name = check_folder_name(command.mailbox)  # a bad name is NO, without TRYCREATE
         results: list[tuple[int, MessageInfo]] = []
 
         async def add_all() -> None:
@@ -874,17 +979,26 @@ class IMAPServer(Protocol):
 
     def _folder_changed(self) -> None:
         self._changed = True
-        if self._idle_tag is not None and not self._busy:
-            d = self._refresh(allow_expunge=True)
-            if d is not None:
-                self._busy = True
+        self._push()
 
-                def sent(_: object) -> None:
-                    self._busy = False
-                    self._flush()
-                    self._run()
+    def _push(self) -> None:
+        """
+        In IDLE, tell the client of the selected folder's changes at once (RFC 2177). A change
+        that comes while a command (or an earlier push) waits on the store is pushed when it
+        is done: L{_run} calls this again.
+        """
+        if self._idle_tag is None or self._busy or not self._changed:
+            return
+        d = self._refresh(allow_expunge=True)
+        if d is None:
+            return
+        self._busy = True
 
-                d.addBoth(sent)
+        def sent(_: object) -> None:
+            self._busy = False
+            self._run()
+
+        d.addBoth(sent)
 
     def _refresh(self, allow_expunge: bool, uid_command: bool = False) -> Deferred[None] | None:
         """Look at the folder again and queue the untagged updates (EXISTS, EXPUNGE, FETCH)."""
@@ -898,7 +1012,14 @@ class IMAPServer(Protocol):
             updates = box.update(folder.state, allow_expunge, uid_command)
             self._out.extend(updates.lines)
 
-        return folder.refresh().addCallback(tell)
+        def gone(f: Failure) -> None:
+            # Another session deleted (or renamed) the selected folder: there is no way to
+            # tell a client its messages are all gone but to end the session (as Dovecot).
+            f.trap(FolderError)
+            self._unselect()
+            self._bye(b"* BYE Selected mailbox was deleted, have to disconnect\r\n")
+
+        return folder.refresh().addCallbacks(tell, gone)
 
     def _refresh_then(
         self, tag: str, text: str, allow_expunge: bool, uid_command: bool = False
@@ -1001,7 +1122,9 @@ class IMAPServer(Protocol):
                         items.append(f"MODSEQ ({info.modseq})")
                     self._out.append(f"* {box.msn(uid_)} FETCH ({' '.join(items)})\r\n".encode())
             if refused:
-                self._tagged(tag, "OK", f"[MODIFIED {compress_uids(refused)}] STORE completed")
+                # RFC 7162 §3.1.3: UIDs for UID STORE, sequence numbers for STORE.
+                numbers = refused if uid else [box.msn(u) for u in refused]
+                self._tagged(tag, "OK", f"[MODIFIED {compress_uids(numbers)}] STORE completed")
             else:
                 self._tagged(tag, "OK", "STORE completed")
 

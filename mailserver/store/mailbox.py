@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import BinaryIO, TypeVar
 
-from twisted.internet.defer import Deferred, DeferredLock
+from twisted.internet.defer import Deferred, DeferredLock, fail
 from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
@@ -29,6 +29,7 @@ from mailserver.store.index import (
     INBOX,
     Changes,
     FlagChange,
+    FolderError,
     FolderInfo,
     FolderState,
     MailIndex,
@@ -222,12 +223,17 @@ class MailboxStore:
     ) -> Deferred[tuple[int, MessageInfo]]:
         """Add a message durably; fires with (UIDVALIDITY, the message) once it is on disk."""
 
+        try:
+            folder = check_folder_name(name)
+        except FolderError as e:
+            return fail(e)
+
         def add(index: MailIndex) -> tuple[int, MessageInfo]:
-            info = index.append(name, write, flags, internaldate)
-            return index.uidvalidity(name), info
+            info = index.append(folder, write, flags, internaldate)
+            return index.uidvalidity(folder), info
 
         d = self.run(account, add)
-        return d.addCallback(self._notify_then(account, check_folder_name(name), None))
+        return d.addCallback(self._notify_then(account, folder, None))
 
     def _notify_then(
         self, account: str, folder: str, origin: Listener | None
