@@ -423,7 +423,9 @@ class StateTests(IMAPTestCase):
             b"h BAD STARTTLS not allowed now\r\n",
         )
         c.send(b"i SELECT INBOX\r\nj FETCH 1 (FLAGS)\r\n")
-        self.assertTrue(c.take().endswith(b"* 1 FETCH (FLAGS ())\r\nj OK FETCH completed\r\n"))
+        self.assertTrue(
+            c.take().endswith(b"* 1 FETCH (FLAGS (\\Recent))\r\nj OK FETCH completed\r\n")
+        )
 
     def test_error_budget(self) -> None:
         """Bad commands are answered BAD until C{max_errors}; one more gets BYE."""
@@ -456,15 +458,15 @@ class StateTests(IMAPTestCase):
 
 class IdleTests(IMAPTestCase):
     def test_idle_pushes_changes_and_done_ends_it(self) -> None:
-        """In IDLE, a message added by someone else is told at once (EXISTS); DONE ends IDLE
-        with OK; anything but DONE is BAD."""
+        """In IDLE, a message added by someone else is told at once (EXISTS, and RECENT: the
+        session claims it); DONE ends IDLE with OK; anything but DONE is BAD."""
         self.add(message(1))
         c = self.connect()
         self.login(c, INBOX)
         c.send(b"i IDLE\r\n")
         self.assertEqual(c.take(), b"+ idling\r\n")
         self.add(message(2))
-        self.assertEqual(c.take(), b"* 2 EXISTS\r\n")
+        self.assertEqual(c.take(), b"* 2 EXISTS\r\n* 2 RECENT\r\n")
         c.send(b"DONE\r\n")
         self.assertEqual(c.take(), b"i OK IDLE terminated\r\n")
         c.send(b"j IDLE\r\nk NOOP\r\n")
@@ -488,7 +490,7 @@ class IdleTests(IMAPTestCase):
         self.store.append(ALICE, INBOX, lambda f: f.write(message(3)))  # waits its turn
         self.pool.hold = False
         self.pool.release()  # the refresh, then at once the second append
-        self.assertEqual(c.take(), b"* 2 EXISTS\r\n* 3 EXISTS\r\n")
+        self.assertEqual(c.take(), b"* 2 EXISTS\r\n* 2 RECENT\r\n* 3 EXISTS\r\n* 3 RECENT\r\n")
 
     def test_fetch_while_an_expunge_is_pending_sends_no_expunge(self) -> None:
         """
@@ -504,10 +506,11 @@ class IdleTests(IMAPTestCase):
         a.send(b"a FETCH 1:3 (UID)\r\nb STORE 3 +FLAGS (\\Seen)\r\nc SEARCH ALL\r\n")
         out = a.take()
         self.assertNotIn(b"EXPUNGE", out)
-        self.assertIn(b"* 3 FETCH (FLAGS (\\Seen))\r\n", out)
+        self.assertIn(b"* 3 FETCH (FLAGS (\\Recent \\Seen))\r\n", out)  # A selected first
         self.assertIn(b"* SEARCH 1 2 3\r\n", out)
         a.send(b"d NOOP\r\n")
-        self.assertEqual(a.take(), b"* 2 EXPUNGE\r\nd OK NOOP completed\r\n")
+        # One of A's three recent messages is gone: RECENT tells the new count.
+        self.assertEqual(a.take(), b"* 2 EXPUNGE\r\n* 2 RECENT\r\nd OK NOOP completed\r\n")
 
 
 class StreamingTests(IMAPTestCase):
@@ -625,3 +628,398 @@ class CondstoreTests(IMAPTestCase):
         self.assertTrue(c.take().endswith(b"e OK [MODIFIED 2] STORE completed\r\n"))
         c.send(b"f UID STORE 3 (UNCHANGEDSINCE %d) +FLAGS.SILENT (\\Seen)\r\n" % modseq)
         self.assertTrue(c.take().endswith(b"f OK [MODIFIED 3] STORE completed\r\n"))
+
+    def test_first_condstore_enabling_command_reports_highestmodseq(self) -> None:
+        """
+        FETCH MODSEQ in a session that had not enabled CONDSTORE turns it on and first sends
+        C{* OK [HIGHESTMODSEQ n]} (RFC 7162 §3.1), once; after SELECT (CONDSTORE), which
+        told it already, nothing more.
+        """
+        self.add(message(1), message(2))
+        d = self.connect()
+        self.login(d)
+        d.send(b"s SELECT INBOX (CONDSTORE)\r\n")
+        m = re.search(rb"\* OK \[HIGHESTMODSEQ (\d+)\] Highest\r\n", d.take())
+        assert m is not None
+        highest = m.group(1)  # that of the last change: the APPEND of message 2
+        c = self.connect()
+        self.login(c, INBOX)
+        c.send(b"b FETCH 2 (MODSEQ)\r\n")
+        first = c.take()
+        self.assertRegex(
+            first,
+            rb"^\* OK \[HIGHESTMODSEQ " + highest + rb"\] Highest\r\n"
+            rb"\* 2 FETCH \(MODSEQ \(" + highest + rb"\)\)\r\nb OK FETCH completed\r\n$",
+        )
+        c.send(b"c FETCH 1 (MODSEQ)\r\n")
+        self.assertRegex(c.take(), rb"^\* 1 FETCH \(MODSEQ \(\d+\)\)\r\nc OK FETCH completed\r\n$")
+        d.send(b"f FETCH 1 (MODSEQ)\r\n")
+        self.assertRegex(d.take(), rb"^\* 1 FETCH \(MODSEQ \(\d+\)\)\r\nf OK FETCH completed\r\n$")
+
+    def test_search_modseq_enables_condstore_too(self) -> None:
+        """SEARCH MODSEQ is CONDSTORE-enabling as well (RFC 7162 §3.1): HIGHESTMODSEQ, then
+        the result with the highest MODSEQ of the messages found (§3.1.5)."""
+        self.add(message(1), message(2))
+        c = self.connect()
+        self.login(c, INBOX)
+        c.send(b"a SEARCH MODSEQ 1\r\n")
+        self.assertRegex(
+            c.take(),
+            rb"^\* OK \[HIGHESTMODSEQ (\d+)\] Highest\r\n\* SEARCH 1 2 \(MODSEQ \1\)\r\n"
+            rb"a OK SEARCH completed\r\n$",
+        )
+
+    def test_esearch_modseq_is_of_the_messages_returned(self) -> None:
+        """
+        ESEARCH with a MODSEQ criterion ends with MODSEQ (RFC 4731 §3.2): for MIN alone, of
+        the lowest message; MAX alone, the highest; MIN and MAX, the higher of those two;
+        otherwise (ALL, COUNT) the highest of all found. Nothing found or no MODSEQ criterion:
+        no MODSEQ.
+        """
+        self.add(message(1), message(2), message(3), message(4))
+        c = self.connect()
+        self.login(c)
+        c.send(b"a SELECT INBOX (CONDSTORE)\r\n")
+        c.take()
+        modseq = {}
+        for n in (1, 3, 2, 4):  # the order of the changes: 2 gets a higher MODSEQ than 3
+            c.send(b"s STORE %d +FLAGS.SILENT (\\Seen)\r\n" % n)
+            m = re.search(rb"MODSEQ \((\d+)\)", c.take())
+            assert m is not None
+            modseq[n] = int(m.group(1))
+        self.assertLess(modseq[3], modseq[2])
+        queries = {
+            b"RETURN (MIN) 1:3 MODSEQ 1": b"MIN 1 MODSEQ %d" % modseq[1],
+            b"RETURN (MAX) 1:3 MODSEQ 1": b"MAX 3 MODSEQ %d" % modseq[3],
+            b"RETURN () 1:3 MODSEQ 1": b"ALL 1:3 MODSEQ %d" % modseq[2],
+            b"RETURN (MIN MAX) 1,3 MODSEQ 1": b"MIN 1 MAX 3 MODSEQ %d" % modseq[3],
+            b"RETURN (COUNT) 1:3 MODSEQ 1": b"COUNT 3 MODSEQ %d" % modseq[2],
+            b"RETURN (MIN) 1:3 SEEN": b"MIN 1",
+            b"RETURN (MIN COUNT) 1:3 MODSEQ %d" % (modseq[4] + 1): b"COUNT 0",
+        }
+        for query, result in queries.items():
+            c.send(b"q SEARCH " + query + b"\r\n")
+            self.assertEqual(
+                c.take(), b'* ESEARCH (TAG "q") ' + result + b"\r\nq OK SEARCH completed\r\n"
+            )
+        c.send(b"u UID SEARCH RETURN (MIN) 2:4 MODSEQ 1\r\n")
+        self.assertEqual(
+            c.take(),
+            b'* ESEARCH (TAG "u") UID MIN 2 MODSEQ %d\r\nu OK SEARCH completed\r\n' % modseq[2],
+        )
+
+
+def uidvalidity(out: bytes) -> bytes:
+    m = re.search(rb"\[UIDVALIDITY (\d+)\]", out)
+    assert m is not None, out
+    return m.group(1)
+
+
+class RecentTests(IMAPTestCase):
+    """\\Recent (RFC 3501 §2.3.2): each message is recent in one read-write session only."""
+
+    def test_second_session_sees_no_recent_and_new_mail_goes_to_the_first_to_look(self) -> None:
+        self.add(message(1), message(2))
+        a, b = self.connect(), self.connect()
+        self.login(a)
+        self.login(b)
+        a.send(b"s SELECT INBOX\r\n")
+        self.assertTrue(a.take().startswith(b"* 2 EXISTS\r\n* 2 RECENT\r\n* FLAGS "))
+        b.send(b"s SELECT INBOX\r\n")
+        self.assertTrue(b.take().startswith(b"* 2 EXISTS\r\n* 0 RECENT\r\n* FLAGS "))
+        a.send(b"f FETCH 1:2 (FLAGS)\r\n")
+        self.assertEqual(
+            a.take(),
+            b"* 1 FETCH (FLAGS (\\Recent))\r\n* 2 FETCH (FLAGS (\\Recent))\r\n"
+            b"f OK FETCH completed\r\n",
+        )
+        b.send(b"f FETCH 1:2 (FLAGS)\r\n")
+        self.assertEqual(
+            b.take(), b"* 1 FETCH (FLAGS ())\r\n* 2 FETCH (FLAGS ())\r\nf OK FETCH completed\r\n"
+        )
+        # A new message is recent in the session that looks first (here B), not in A.
+        self.add(message(3))
+        b.send(b"n NOOP\r\n")
+        self.assertEqual(b.take(), b"* 3 EXISTS\r\n* 1 RECENT\r\nn OK NOOP completed\r\n")
+        a.send(b"n NOOP\r\nf FETCH 3 (FLAGS)\r\n")
+        self.assertEqual(
+            a.take(),
+            b"* 3 EXISTS\r\n* 2 RECENT\r\nn OK NOOP completed\r\n"
+            b"* 3 FETCH (FLAGS ())\r\nf OK FETCH completed\r\n",
+        )
+        # Selecting again: all three were claimed, none is recent any more.
+        a.send(b"s SELECT INBOX\r\n")
+        self.assertTrue(a.take().startswith(b"* 3 EXISTS\r\n* 0 RECENT\r\n"))
+
+    def test_examine_sees_unclaimed_messages_recent_and_claims_nothing(self) -> None:
+        """EXAMINE shows the messages no session has claimed as \\Recent, new ones too, but
+        leaves them recent (RFC 3501 §6.3.2): a later SELECT still claims them all."""
+        self.add(message(1), message(2))
+        e = self.connect()
+        self.login(e)
+        e.send(b"e EXAMINE INBOX\r\n")
+        self.assertTrue(e.take().startswith(b"* 2 EXISTS\r\n* 2 RECENT\r\n* FLAGS "))
+        self.add(message(3))
+        e.send(b"n NOOP\r\nf FETCH 3 (FLAGS)\r\n")
+        self.assertEqual(
+            e.take(),
+            b"* 3 EXISTS\r\n* 3 RECENT\r\nn OK NOOP completed\r\n"
+            b"* 3 FETCH (FLAGS (\\Recent))\r\nf OK FETCH completed\r\n",
+        )
+        s = self.connect()
+        self.login(s)
+        s.send(b"s SELECT INBOX\r\n")
+        self.assertTrue(s.take().startswith(b"* 3 EXISTS\r\n* 3 RECENT\r\n"))
+        # Claimed now: a new EXAMINE sees none recent.
+        e2 = self.connect()
+        self.login(e2)
+        e2.send(b"e EXAMINE INBOX\r\n")
+        self.assertTrue(e2.take().startswith(b"* 3 EXISTS\r\n* 0 RECENT\r\n"))
+        # A message that arrives now goes to whichever looks first; EXAMINE sees it while
+        # it is unclaimed (no RECENT line without an EXISTS when nothing changed).
+        self.add(message(4))
+        e2.send(b"n NOOP\r\n")
+        self.assertEqual(e2.take(), b"* 4 EXISTS\r\n* 1 RECENT\r\nn OK NOOP completed\r\n")
+        s.send(b"n NOOP\r\n")
+        self.assertEqual(s.take(), b"* 4 EXISTS\r\n* 4 RECENT\r\nn OK NOOP completed\r\n")
+
+    def test_status_recent_counts_unclaimed_messages(self) -> None:
+        """STATUS RECENT: the messages no session has claimed; of the selected folder, the
+        session's own recent messages."""
+        self.add(message(1), message(2))
+        a, b = self.connect(), self.connect()
+        self.login(a)
+        self.login(b)
+        a.send(b"a STATUS INBOX (MESSAGES RECENT)\r\n")
+        self.assertEqual(
+            a.take(), b'* STATUS "INBOX" (MESSAGES 2 RECENT 2)\r\na OK STATUS completed\r\n'
+        )
+        a.send(b"b EXAMINE INBOX\r\nc STATUS INBOX (RECENT)\r\n")
+        self.assertTrue(
+            a.take().endswith(b'* STATUS "INBOX" (RECENT 2)\r\nc OK STATUS completed\r\n')
+        )
+        b.send(b"d STATUS INBOX (RECENT)\r\n")  # EXAMINE claimed nothing
+        self.assertEqual(b.take(), b'* STATUS "INBOX" (RECENT 2)\r\nd OK STATUS completed\r\n')
+        a.send(b"e SELECT INBOX\r\nf STATUS INBOX (RECENT)\r\n")
+        self.assertTrue(
+            a.take().endswith(b'* STATUS "INBOX" (RECENT 2)\r\nf OK STATUS completed\r\n')
+        )
+        b.send(b"g STATUS INBOX (MESSAGES RECENT)\r\n")
+        self.assertEqual(
+            b.take(), b'* STATUS "INBOX" (MESSAGES 2 RECENT 0)\r\ng OK STATUS completed\r\n'
+        )
+        self.add(message(3))
+        b.send(b"h STATUS INBOX (MESSAGES RECENT)\r\n")
+        self.assertEqual(
+            b.take(), b'* STATUS "INBOX" (MESSAGES 3 RECENT 1)\r\nh OK STATUS completed\r\n'
+        )
+
+    def test_search_recent_new_and_old(self) -> None:
+        """RECENT: recent in this session; OLD: not; NEW: recent and unseen (§6.4.4)."""
+        self.add(message(1), message(2))
+        c = self.connect()
+        self.login(c, INBOX)  # claims 1 and 2
+        c.send(b"u UNSELECT\r\n")
+        c.take()
+        self.add(message(3), message(4), message(5))
+        c.send(b"s SELECT INBOX\r\nt STORE 4 +FLAGS.SILENT (\\Seen)\r\n")  # claims 3 to 5
+        c.take()
+        for query, found in (
+            (b"SEARCH RECENT", b"3 4 5"),
+            (b"SEARCH NEW", b"3 5"),
+            (b"SEARCH OLD", b"1 2"),
+            (b"SEARCH NOT RECENT", b"1 2"),
+            (b"SEARCH OR OLD SEEN", b"1 2 4"),
+            (b"UID SEARCH RECENT 4:*", b"4 5"),
+        ):
+            c.send(b"q " + query + b"\r\n")
+            self.assertEqual(c.take(), b"* SEARCH " + found + b"\r\nq OK SEARCH completed\r\n")
+
+
+class KeywordFlagsTests(IMAPTestCase):
+    """FLAGS and PERMANENTFLAGS list the keywords in use, and are sent again before any
+    response that shows a keyword the client was not told of (RFC 3501 §7.2.6)."""
+
+    FLAGS = b"\\Answered \\Flagged \\Deleted \\Seen \\Draft"
+
+    def flags(self, *words: bytes) -> bytes:
+        every = b" ".join((self.FLAGS, *words))
+        return (
+            b"* FLAGS (" + every + b")\r\n"
+            b"* OK [PERMANENTFLAGS (" + every + b" \\*)] Flags permitted\r\n"
+        )
+
+    def test_new_keyword_sends_flags_before_the_fetch(self) -> None:
+        self.add(message(1), message(2))
+        a, b = self.connect(), self.connect()
+        self.login(a, INBOX)
+        self.login(b, INBOX)
+        a.send(b"s STORE 1 +FLAGS ($Work)\r\n")
+        self.assertEqual(
+            a.take(),
+            self.flags(b"$Work")
+            + b"* 1 FETCH (FLAGS (\\Recent $Work))\r\ns OK STORE completed\r\n",
+        )
+        a.send(b"t STORE 2 +FLAGS ($Work)\r\n")  # known now: no FLAGS
+        self.assertEqual(
+            a.take(), b"* 2 FETCH (FLAGS (\\Recent $Work))\r\nt OK STORE completed\r\n"
+        )
+        # The other session learns of it before the FETCH that shows it.
+        b.send(b"n NOOP\r\n")
+        self.assertEqual(
+            b.take(),
+            self.flags(b"$Work") + b"* 1 FETCH (FLAGS ($Work))\r\n* 2 FETCH (FLAGS ($Work))\r\n"
+            b"n OK NOOP completed\r\n",
+        )
+        # APPEND with a new keyword into the selected folder: FLAGS before EXISTS.
+        a.send(b"x APPEND INBOX (Later) {%d}\r\n" % len(message(3)))
+        self.assertEqual(a.take(), b"+ Ready for literal data\r\n")
+        a.send(message(3) + b"\r\n")
+        self.assertRegex(
+            a.take(),
+            re.escape(self.flags(b"$Work", b"Later") + b"* 3 EXISTS\r\n* 3 RECENT\r\n")
+            + rb"x OK \[APPENDUID \d+ 3\] APPEND completed\r\n$",
+        )
+        # A new session's SELECT lists both.
+        c = self.connect()
+        self.login(c)
+        c.send(b"s SELECT INBOX\r\n")
+        out = c.take()
+        self.assertIn(b"* 0 RECENT\r\n" + self.flags(b"$Work", b"Later"), out)
+
+    def test_another_sessions_keyword_shown_by_own_store_or_fetch_comes_after_flags(self) -> None:
+        """
+        B sets keywords A was not told of; A's own STORE (and FETCH that sets \\Seen) on
+        those messages, before any NOOP, shows the message's flags as they are now, B's
+        keywords with them: FLAGS and PERMANENTFLAGS come first (imaptest's stress test
+        checks this: "Keyword used without being in FLAGS").
+        """
+        self.add(message(1), message(2))
+        a, b = self.connect(), self.connect()
+        self.login(a, INBOX)
+        self.login(b, INBOX)
+        b.send(b"s STORE 1 +FLAGS.SILENT ($Other)\r\nt STORE 2 +FLAGS.SILENT ($Third)\r\n")
+        b.take()
+        a.send(b"x STORE 1 +FLAGS (\\Seen)\r\n")
+        self.assertEqual(
+            a.take(),
+            self.flags(b"$Other")
+            + b"* 1 FETCH (FLAGS (\\Recent \\Seen $Other))\r\nx OK STORE completed\r\n",
+        )
+        a.send(b"y FETCH 2 (BODY[TEXT])\r\nz NOOP\r\n")
+        self.assertEqual(
+            a.take(),
+            self.flags(b"$Other", b"$Third")
+            + b"* 2 FETCH (BODY[TEXT] {8}\r\nbody 2\r\n FLAGS (\\Recent \\Seen $Third))\r\n"
+            b"y OK FETCH completed\r\nz OK NOOP completed\r\n",
+        )
+
+    def test_keyword_named_by_a_store_that_changes_nothing_is_in_flags(self) -> None:
+        """A STORE naming a keyword adds it to FLAGS even when no message changed (-FLAGS of
+        a keyword nobody has), as Dovecot does; imaptest checks for it after every STORE."""
+        self.add(message(1))
+        c = self.connect()
+        self.login(c, INBOX)
+        c.send(b"s STORE 1 -FLAGS ($Never)\r\nt STORE 1 -FLAGS ($Never)\r\n")
+        self.assertEqual(
+            c.take(),
+            self.flags(b"$Never") + b"* 1 FETCH (FLAGS (\\Recent))\r\ns OK STORE completed\r\n"
+            b"* 1 FETCH (FLAGS (\\Recent))\r\nt OK STORE completed\r\n",
+        )
+
+
+class MailboxNameTests(IMAPTestCase):
+    def test_invalid_modified_utf7_name_is_no(self) -> None:
+        """
+        A mailbox name that is no valid modified UTF-7 (RFC 3501 §5.1.3) is a well-formed
+        command naming no mailbox: NO (not BAD, not counted as an error); LIST and LSUB
+        match nothing; a SELECT that fails so leaves no mailbox selected (§6.3.1).
+        """
+        self.add(message(1))
+        c = self.connect(max_errors=1)
+        self.login(c, INBOX)
+        c.send(
+            b'a CREATE "&Jjo"\r\nb STATUS "Bad&Name" (MESSAGES)\r\nc LIST "" "&Jjo"\r\n'
+            b'd LSUB "" "*&AGE-*"\r\ne SELECT "&AGE-"\r\nf FETCH 1 (FLAGS)\r\n'
+        )
+        no = b" NO [CANNOT] mailbox name is not valid modified UTF-7\r\n"
+        self.assertEqual(
+            c.take(),
+            b"a" + no + b"b" + no + b"c OK LIST completed\r\nd OK LSUB completed\r\n"
+            b"e" + no + b"f BAD FETCH not allowed now\r\n",
+        )
+        self.assertFalse(c.closed)
+        c.send(b'g CREATE "&AOk-t&AOk-"\r\nh LIST "" "&AOk-t&AOk-"\r\n')  # "été": valid
+        self.assertEqual(
+            c.take(),
+            b'g OK CREATE completed\r\n* LIST (\\HasNoChildren) "/" "&AOk-t&AOk-"\r\n'
+            b"h OK LIST completed\r\n",
+        )
+
+
+class SearchAddressTests(IMAPTestCase):
+    def test_from_to_match_the_address_without_comments(self) -> None:
+        """FROM/TO/CC/BCC match the addresses as the envelope gives them (comments out,
+        C{mailbox@host} rebuilt) and the display names, in part and in any case."""
+        self.add(
+            b"From: <user-from (comment)@ (comment) domain.org>\r\n"
+            b"To: Real To <user-to (x)@domain.org>\r\nCc: (c) carol@cc.example\r\n"
+            b"Subject: one\r\n\r\nbody\r\n",
+            b"From: RealFrom <other@example.com>\r\nTo: user-to@domain.org\r\n"
+            b"Subject: two\r\n\r\nbody\r\n",
+        )
+        c = self.connect()
+        self.login(c, INBOX)
+        for query, found in (
+            (b"FROM user-from@domain.org", b" 1"),
+            (b"FROM SER-FROM@DOMAIN", b" 1"),
+            (b"FROM realfrom", b" 2"),
+            (b"FROM other@example.com", b" 2"),
+            (b"TO user-to@domain.org", b" 1 2"),
+            (b'TO "real to"', b" 1"),
+            (b"CC carol@cc.example", b" 1"),
+            (b"FROM nobody@domain.org", b""),
+            (b"BCC user-to", b""),
+        ):
+            c.send(b"q SEARCH " + query + b"\r\n")
+            self.assertEqual(
+                c.take(), b"* SEARCH" + found + b"\r\nq OK SEARCH completed\r\n", query
+            )
+
+
+class MoveTests(IMAPTestCase):
+    def test_move_into_the_selected_folder_gives_new_uids(self) -> None:
+        """MOVE (and UID MOVE) to the folder itself: the messages get new UIDs, told by
+        COPYUID before the EXPUNGE; they come back at the end, recent in this session. A
+        UID MOVE that names no message moves nothing and says so with no untagged OK."""
+        self.add(message(1), message(2), message(3))
+        c = self.connect()
+        self.login(c)
+        c.send(b"s SELECT INBOX\r\n")
+        v = uidvalidity(c.take())
+        c.send(b"m MOVE 1 INBOX\r\n")
+        self.assertEqual(
+            c.take(),
+            b"* OK [COPYUID " + v + b" 1 4] Moved\r\n* 1 EXPUNGE\r\n* 3 EXISTS\r\n"
+            b"* 3 RECENT\r\nm OK MOVE completed\r\n",
+        )
+        c.send(b"u UID MOVE 2:3 INBOX\r\n")
+        self.assertEqual(
+            c.take(),
+            b"* OK [COPYUID " + v + b" 2:3 5:6] Moved\r\n* 2 EXPUNGE\r\n* 1 EXPUNGE\r\n"
+            b"* 3 EXISTS\r\n* 3 RECENT\r\nu OK MOVE completed\r\n",
+        )
+        c.send(b"n UID MOVE 99 Trash\r\n")  # no such UID: nothing moved, no COPYUID
+        self.assertEqual(c.take(), b"n OK MOVE completed\r\n")
+        c.send(b"f FETCH 1:* (UID BODY.PEEK[HEADER.FIELDS (SUBJECT)])\r\n")
+        subjects = re.findall(
+            rb"UID (\d+) BODY\[HEADER.FIELDS \(SUBJECT\)\] \{\d+\}\r\n([^\r]*)", c.take()
+        )
+        self.assertEqual(
+            subjects,
+            [
+                (b"4", b"Subject: message 1"),
+                (b"5", b"Subject: message 2"),
+                (b"6", b"Subject: message 3"),
+            ],
+        )

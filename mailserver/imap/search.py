@@ -12,6 +12,7 @@ import datetime as dt
 import email.utils
 from collections.abc import Callable
 
+from mailserver.imap.message import parse_addresses
 from mailserver.imap.parser import (
     AgeKey,
     AllKey,
@@ -51,12 +52,14 @@ class Matcher:
         top_uid: int,
         content: Content,
         now: float,
+        recent: set[int] | frozenset[int] = frozenset(),
     ) -> None:
         self._msn = msn
         self._exists = exists
         self._top_uid = top_uid
         self._content = content
         self._now = now
+        self._recent = recent
         self._cache: dict[int, tuple[bytes, bytes]] = {}
 
     def _text(self, info: MessageInfo) -> tuple[bytes, bytes]:
@@ -77,7 +80,8 @@ class Matcher:
             return not self.matches(key.key, info)
         if isinstance(key, FlagKey):
             if key.flag == "\\Recent":
-                return not key.present  # no message is \Recent (RFC 9051 dropped it)
+                # RECENT, OLD and NEW: recent in this session (RFC 3501 §2.3.2).
+                return (info.uid in self._recent) == key.present
             has = key.flag in info.flags or (
                 not key.flag.startswith("\\")
                 and key.flag.lower() in {f.lower() for f in info.flags}
@@ -106,6 +110,8 @@ class Matcher:
                 return needle in body.lower()
             if key.field == "TEXT":
                 return needle in header.lower() or needle in body.lower()
+            if key.field in ("FROM", "TO", "CC", "BCC"):
+                return _address_contains(header, key.field, key.value)
             return _header_contains(header, key.field, key.value)
         raise ValueError(f"unknown search key {key!r}")
 
@@ -163,4 +169,26 @@ def _header_contains(header: bytes, name: str, value: str) -> bool:
                     break
             if needle in text.decode("utf-8", "replace").lower():
                 return True
+    return False
+
+
+def _address_contains(header: bytes, name: str, value: str) -> bool:
+    """
+    FROM/TO/CC/BCC (RFC 3501 §6.4.4): the field's addresses as the envelope gives them
+    (comments dropped, C{mailbox@host} rebuilt) or its raw text contain C{value}.
+    """
+    if _header_contains(header, name, value):
+        return True
+    raw = _header_value(header, name)
+    if raw is None:
+        return False
+    needle = value.lower()
+    for display, _route, mailbox, host in parse_addresses(raw.encode("utf-8", "replace")):
+        parts = []
+        if display:
+            parts.append(display.decode("utf-8", "replace"))
+        if mailbox is not None and host is not None:
+            parts.append(f"{mailbox.decode('utf-8', 'replace')}@{host.decode('utf-8', 'replace')}")
+        if any(needle in part.lower() for part in parts):
+            return True
     return False

@@ -86,6 +86,49 @@ class SelectedMailbox:
         self.uids: list[int] = [m.uid for m in state.messages]
         self.messages: dict[int, MessageInfo] = {m.uid: m for m in state.messages}
         self._gone: set[int] = set()  # expunged in the store, not yet announced
+        self.recent: set[int] = set()
+        """UIDs that are \\Recent in this session (RFC 3501 §2.3.2)."""
+        self._recent_told = 0  # the last RECENT count the client was told
+        self.keywords: set[str] = set()
+        """Keywords announced in FLAGS (RFC 3501 §7.2.6)."""
+        for m in state.messages:
+            self.keywords.update(f for f in m.flags if not f.startswith("\\"))
+
+    def claim(self, recent_from: int) -> None:
+        """
+        Messages at or above C{recent_from} (0: none) are recent for this session: the ones
+        a read-write SELECT claimed, or those no session has claimed yet for EXAMINE (which
+        sees them as recent but leaves them so: RFC 3501 §2.3.2, §6.3.2). The SELECT or
+        EXAMINE reply tells the count.
+        """
+        if recent_from:
+            i = bisect.bisect_left(self.uids, recent_from)
+            self.recent.update(self.uids[i:])
+        self._recent_told = len(self.recent)
+
+    def flags_of(self, uid: int) -> frozenset[str]:
+        """A message's flags as this session shows them (with \\Recent)."""
+        flags = self.messages[uid].flags
+        return flags | {"\\Recent"} if uid in self.recent else flags
+
+    def flags_lines(self) -> list[bytes]:
+        """FLAGS and PERMANENTFLAGS, with the keywords in use."""
+        system = "\\Answered \\Flagged \\Deleted \\Seen \\Draft"
+        words = " ".join(sorted(self.keywords))
+        every = f"{system} {words}".strip()
+        perm = "()" if self.read_only else f"({every} \\*)"
+        return [
+            f"* FLAGS ({every})\r\n".encode(),
+            f"* OK [PERMANENTFLAGS {perm}] Flags permitted\r\n".encode(),
+        ]
+
+    def learn_keywords(self, flags: Iterable[str]) -> list[bytes]:
+        """Lines announcing keywords of C{flags} not announced yet (none when all are known)."""
+        new = {f for f in flags if not f.startswith("\\")} - self.keywords
+        if not new:
+            return []
+        self.keywords |= new
+        return self.flags_lines()
 
     # -- numbers ---------------------------------------------------------------------------
 
@@ -142,23 +185,35 @@ class SelectedMailbox:
         parts = []
         if with_uid:
             parts.append(f"UID {info.uid}")
-        parts.append("FLAGS " + flag_list(info.flags))
+        parts.append("FLAGS " + flag_list(self.flags_of(info.uid)))
         if self.condstore:
             parts.append(f"MODSEQ ({info.modseq})")
         return f"* {self.msn(info.uid)} FETCH ({' '.join(parts)})\r\n".encode()
 
-    def update(self, state: FolderState, allow_expunge: bool, uid_command: bool) -> Updates:
+    def update(
+        self, state: FolderState, allow_expunge: bool, uid_command: bool, recent_from: int = 0
+    ) -> Updates:
         """
         Take in the folder's new C{state} and return what to tell the client: EXPUNGE (or
         VANISHED) for messages gone (when C{allow_expunge}; else they stay, numbered, until a
         later update may announce them), FETCH FLAGS for messages whose flags someone changed,
-        EXISTS when messages were added.
+        EXISTS when messages were added, each time followed by RECENT (also sent when expunges
+        changed the count of recent messages, as Dovecot does); FLAGS and PERMANENTFLAGS first
+        when a message shows a keyword the client was not told of.
 
         @param uid_command: the command in progress is a UID command (its FETCH responses
             carry the UID anyway).
+        @param recent_from: the added messages at or above this UID (0: none) are recent for
+            this session (L{claim}).
         """
         lines: list[bytes] = []
         now = {m.uid: m for m in state.messages}
+        top_known = self.uids[-1] if self.uids else 0
+        for m in state.messages:
+            if m.uid > top_known or (
+                m.uid in self.messages and m.flags != self.messages[m.uid].flags
+            ):
+                lines.extend(self.learn_keywords(m.flags))
         gone = {u for u in self.uids if u not in now}
         self._gone |= gone
         announced: list[int] = []
@@ -177,6 +232,7 @@ class SelectedMailbox:
                         del self.uids[n - 1]
             for uid in announced:
                 self.messages.pop(uid, None)
+                self.recent.discard(uid)
             self._gone.clear()
         # Flag changes of messages the session knows (and that still exist).
         for uid in self.uids:
@@ -195,7 +251,12 @@ class SelectedMailbox:
             for m in added:
                 self.uids.append(m.uid)
                 self.messages[m.uid] = m
+                if recent_from and m.uid >= recent_from:
+                    self.recent.add(m.uid)
             lines.append(f"* {len(self.uids)} EXISTS\r\n".encode())
+        if added or len(self.recent) != self._recent_told:
+            lines.append(f"* {len(self.recent)} RECENT\r\n".encode())
+            self._recent_told = len(self.recent)
         self.uidnext = max(self.uidnext, state.uidnext)
         self.highestmodseq = max(self.highestmodseq, state.highestmodseq)
         return Updates(lines, announced, bool(self._gone))

@@ -65,7 +65,14 @@ from mailserver.imap.search import Matcher
 from mailserver.imap.selected import SelectedMailbox, compress_uids, flag_list
 from mailserver.limits import ConnectionLimiter
 from mailserver.sessions import SessionTracker
-from mailserver.store.index import INBOX, SEPARATOR, FolderError, MessageInfo, check_folder_name
+from mailserver.store.index import (
+    INBOX,
+    SEPARATOR,
+    FolderError,
+    FolderState,
+    MessageInfo,
+    check_folder_name,
+)
 from mailserver.store.mailbox import Folder, MailboxStore
 from mailserver.transport import pause, set_nodelay, write_now
 
@@ -436,6 +443,17 @@ class IMAPServer(Protocol):
             self._tagged(parsed.tag, "NO", str(e))
             return
         except ParseError as e:
+            if "mailbox name" in e.message:
+                # A well-formed astring that is no valid name: NO (LIST: nothing matches).
+                if parsed.name in ("LIST", "LSUB"):
+                    self._tagged(parsed.tag, "OK", f"{parsed.name} completed")
+                else:
+                    if parsed.name in ("SELECT", "EXAMINE") and self._state == _SELECTED:
+                        # A SELECT that fails leaves no mailbox selected (RFC 3501 §6.3.1).
+                        self._unselect()
+                        self._state = _AUTH
+                    self._tagged(parsed.tag, "NO", f"[CANNOT] {e.message}")
+                return
             self._bad(parsed.tag, e.message, e.code)
             return
         except Exception:
@@ -832,8 +850,11 @@ class IMAPServer(Protocol):
         account = self._require_account()
         box = self._box
 
+        recent = [0]
+
         def look(index: Any) -> tuple[tuple[int, int, int, int, int], int]:
             index.sync(name)
+            recent[0] = index.recent_count(name)
             return index.status(name), index.unseen(name)
 
         def selected(_: object) -> tuple[tuple[int, int, int, int, int], int]:
@@ -841,6 +862,7 @@ class IMAPServer(Protocol):
             # told), so that STATUS never counts a message the client was not told of.
             assert box is not None
             infos = [box.messages[u] for u in box.uids]
+            recent[0] = len(box.recent)
             counts = (
                 box.exists,
                 sum(m.size for m in infos),
@@ -854,7 +876,7 @@ class IMAPServer(Protocol):
             (count, octets, uidvalidity, uidnext, modseq), unseen = result
             values = {
                 "MESSAGES": count,
-                "RECENT": 0,
+                "RECENT": recent[0],
                 "UIDNEXT": uidnext,
                 "UIDVALIDITY": uidvalidity,
                 "UNSEEN": unseen,
@@ -897,13 +919,25 @@ class IMAPServer(Protocol):
         self._unselect()
         self._state = _AUTH
         account = self._require_account()
-        d = self._store.open_folder(account, name, self._folder_changed)
+        d = self._store.open_folder(account, name, self._folder_changed, claim_recent=not read_only)
 
-        def opened(folder: Folder) -> None:
+        def opened(folder: Folder) -> Deferred[None] | None:
+            if not read_only or not folder.state.messages:
+                show(folder, folder.recent_from)
+                return None
+            # EXAMINE: the messages no session has claimed are recent here too, and stay so.
+            unclaimed = self._store.run(account, lambda index: _unclaimed_from(index, name))
+            return unclaimed.addCallback(lambda first: show(folder, first))
+
+        def show(folder: Folder, recent_from: int) -> None:
+            if self._state == _LOGOUT:
+                folder.close()  # the connection was lost meanwhile: stop listening
+                return
             self._folder = folder
             box = SelectedMailbox(
                 folder.state, read_only=read_only, condstore="CONDSTORE" in self._enabled
             )
+            box.claim(recent_from)
             self._box = box
             self._state = _SELECTED
             first_unseen = next(
@@ -912,9 +946,8 @@ class IMAPServer(Protocol):
             )
             lines = [
                 f"* {box.exists} EXISTS",
-                "* 0 RECENT",
-                f"* FLAGS {_FLAGS}",
-                f"* OK [PERMANENTFLAGS {'()' if read_only else PERMANENT_FLAGS}] Flags permitted",
+                f"* {len(box.recent)} RECENT",
+                *(line.decode().rstrip("\r\n") for line in box.flags_lines()),
                 f"* OK [UIDVALIDITY {box.uidvalidity}] UIDs valid",
                 f"* OK [UIDNEXT {box.uidnext}] Predicted next UID",
             ]
@@ -1008,8 +1041,15 @@ class IMAPServer(Protocol):
             return None
         self._changed = False
 
-        def tell(_: object) -> None:
-            updates = box.update(folder.state, allow_expunge, uid_command)
+        def unclaimed(state: FolderState) -> Deferred[int] | int:
+            top = box.uids[-1] if box.uids else 0
+            if not box.read_only or not state.messages or state.messages[-1].uid <= top:
+                return folder.recent_from
+            # EXAMINE: new messages no session has claimed are recent here too (unclaimed).
+            return self._store.run(folder.account, lambda index: _unclaimed_from(index, box.name))
+
+        def tell(recent_from: int) -> None:
+            updates = box.update(folder.state, allow_expunge, uid_command, recent_from)
             self._out.extend(updates.lines)
 
         def gone(f: Failure) -> None:
@@ -1019,7 +1059,8 @@ class IMAPServer(Protocol):
             self._unselect()
             self._bye(b"* BYE Selected mailbox was deleted, have to disconnect\r\n")
 
-        return folder.refresh().addCallbacks(tell, gone)
+        d = folder.refresh(claim_recent=not box.read_only).addCallback(unclaimed)
+        return d.addCallbacks(tell, gone)
 
     def _refresh_then(
         self, tag: str, text: str, allow_expunge: bool, uid_command: bool = False
@@ -1098,12 +1139,18 @@ class IMAPServer(Protocol):
         if box.read_only:
             self._tagged(tag, "NO", "[READ-ONLY] Mailbox is read-only")
             return None
+        if command.unchangedsince is not None:
+            self._condstore_enabling(box)
         mode = {"": "set", "+": "add", "-": "remove"}[command.mode]
         d = folder.store_flags(uids, command.flags, mode, command.unchangedsince)  # type: ignore[arg-type]
 
         def answer(result: Any) -> None:
             changes, refused = result
             changed = {c.uid: c for c in changes}
+            # The keywords named (even when nothing changed, as Dovecot) and those the replies
+            # show, another session's too: FLAGS first if any is new to the client (§7.2.6).
+            shown = set(command.flags).union(*(c.flags for c in changes))
+            self._out.extend(box.learn_keywords(shown))
             for uid_ in uids:
                 info = box.messages.get(uid_)
                 if info is None:
@@ -1117,7 +1164,7 @@ class IMAPServer(Protocol):
                     if uid or box.condstore:
                         items.append(f"UID {uid_}")
                     if not command.silent:
-                        items.append("FLAGS " + flag_list(info.flags))
+                        items.append("FLAGS " + flag_list(box.flags_of(uid_)))
                     if box.condstore:
                         items.append(f"MODSEQ ({info.modseq})")
                     self._out.append(f"* {box.msn(uid_)} FETCH ({' '.join(items)})\r\n".encode())
@@ -1155,7 +1202,8 @@ class IMAPServer(Protocol):
                 )
             word = "MOVE" if move else "COPY"
             if move:
-                self._out.append(f"* OK {code}Moved\r\n".encode())
+                if pairs:
+                    self._out.append(f"* OK {code}Moved\r\n".encode())
                 refreshed = self._refresh(allow_expunge=True, uid_command=uid)
                 if refreshed is not None:
                     return refreshed.addCallback(
@@ -1185,12 +1233,15 @@ class IMAPServer(Protocol):
         command = parse_search(r)
         box, folder = self._box, self._folder
         assert box is not None and folder is not None
+        if _uses_modseq(command.key):
+            self._condstore_enabling(box)
         matcher = Matcher(
             box.msn,
             box.exists,
             box.uids[-1] if box.uids else 0,
             lambda info: _read_text(folder.path(info.uid)),
             self._clock.seconds(),
+            box.recent,
         )
         found: list[int] = []
         for uid_ in box.uids:
@@ -1212,6 +1263,15 @@ class IMAPServer(Protocol):
                 parts.append(f"ALL {compress_uids(numbers)}")
             if "COUNT" in opts:
                 parts.append(f"COUNT {len(numbers)}")
+            if box.condstore and _uses_modseq(command.key) and found:
+                # RFC 7162 §3.1.5 with RFC 4731: the highest MODSEQ of the messages returned.
+                # MIN and/or MAX alone: of the messages they name; else of all found.
+                if opts <= {"MIN", "MAX"}:
+                    named = {min(numbers) if o == "MIN" else max(numbers) for o in opts}
+                    shown = [u for u, n in zip(found, numbers, strict=True) if n in named]
+                else:
+                    shown = found
+                parts.append(f"MODSEQ {max(box.messages[u].modseq for u in shown)}")
             self._out.append(("* ESEARCH " + " ".join(parts) + "\r\n").encode())
         else:
             line = "* SEARCH" + "".join(f" {n}" for n in numbers)
@@ -1232,8 +1292,7 @@ class IMAPServer(Protocol):
         if uid and not any(a.name == "UID" for a in atts):
             atts.insert(0, FetchAtt("UID"))
         if command.changedsince is not None or any(a.name == "MODSEQ" for a in atts):
-            box.condstore = True
-            self._enabled.add("CONDSTORE")
+            self._condstore_enabling(box)
         if box.condstore and command.changedsince is not None:
             if not any(a.name == "MODSEQ" for a in atts):
                 atts.append(FetchAtt("MODSEQ"))
@@ -1255,6 +1314,8 @@ class IMAPServer(Protocol):
                 d = folder.store_flags(unseen, ["\\Seen"], "add")
 
                 def mark(result: Any) -> None:
+                    # Another session's keywords may come with the new flags (§7.2.6).
+                    self._out.extend(box.learn_keywords(set().union(*(c.flags for c in result[0]))))
                     for change in result[0]:
                         info = box.messages.get(change.uid)
                         if info is not None:
@@ -1265,6 +1326,17 @@ class IMAPServer(Protocol):
         if d is None:
             return self._send_stream(pieces)
         return d.addCallback(lambda _: self._send_stream(pieces))
+
+    def _condstore_enabling(self, box: SelectedMailbox) -> None:
+        """
+        A CONDSTORE-enabling command (RFC 7162 §3.1: FETCH MODSEQ or CHANGEDSINCE, SEARCH
+        MODSEQ, STORE UNCHANGEDSINCE) while selected: CONDSTORE is on from now, and the first
+        one reports the folder's HIGHESTMODSEQ (as SELECT (CONDSTORE) would have).
+        """
+        if not box.condstore:
+            self._out.append(f"* OK [HIGHESTMODSEQ {box.highestmodseq}] Highest\r\n".encode())
+        box.condstore = True
+        self._enabled.add("CONDSTORE")
 
     def _uid_fetch(self, tag: str, r: Reader) -> Deferred[None] | None:
         return self._fetch(tag, r, uid=True)
@@ -1328,7 +1400,7 @@ class IMAPServer(Protocol):
                 if name == "UID":
                     buf += b"UID %d" % info.uid
                 elif name == "FLAGS":
-                    buf += b"FLAGS " + flag_list(box.messages[info.uid].flags).encode()
+                    buf += b"FLAGS " + flag_list(box.flags_of(info.uid)).encode()
                 elif name == "INTERNALDATE":
                     buf += b'INTERNALDATE "' + _imap_date(info.internaldate).encode() + b'"'
                 elif name == "RFC822.SIZE":
@@ -1432,6 +1504,17 @@ def _read_text(path: str) -> tuple[bytes, bytes]:
         sep = data.find(b"\n\n")
         return (data, b"") if sep < 0 else (data[:sep], data[sep + 2 :])
     return data[:sep], data[sep + 4 :]
+
+
+def _unclaimed_from(index: Any, name: str) -> int:
+    """
+    The lowest UID in folder C{name} that no session has claimed as recent (every UID at or
+    above it is unclaimed); 0 if the folder is gone. Claims nothing (EXAMINE).
+    """
+    row = index._db.execute(
+        "SELECT recent_uid FROM folders WHERE name = ?", (check_folder_name(name),)
+    ).fetchone()
+    return int(row[0]) if row is not None else 0
 
 
 def _uses_modseq(key: object) -> bool:

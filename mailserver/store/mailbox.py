@@ -166,24 +166,33 @@ class MailboxStore:
         return self.run(account, lambda index: index.folders())
 
     def open_folder(
-        self, account: str, name: str = INBOX, listener: Listener | None = None
+        self,
+        account: str,
+        name: str = INBOX,
+        listener: Listener | None = None,
+        claim_recent: bool = False,
     ) -> Deferred[Folder]:
         """
         Look at folder C{name} of C{account} (new mail picked up, UIDs assigned) and return a
-        L{Folder} view of it; with C{listener}, also subscribe it to changes.
+        L{Folder} view of it; with C{listener}, also subscribe it to changes. With
+        C{claim_recent} (an IMAP read-write SELECT), the new messages become recent for this
+        view (L{Folder.recent_from}).
         """
         name = check_folder_name(name)
 
-        def look(index: MailIndex) -> FolderState:
+        def look(index: MailIndex) -> tuple[FolderState, int]:
             index.sync(name)
-            return index.state(name)
+            first = index.claim_recent(name) if claim_recent else 0
+            return index.state(name), first
 
         # Subscribe before looking, so that no change between the look and the subscription
         # goes unannounced.
         unsubscribe = self.subscribe(account, name, listener) if listener is not None else None
 
-        def opened(state: FolderState) -> Folder:
-            return Folder(self, account, state, listener, unsubscribe)
+        def opened(result: tuple[FolderState, int]) -> Folder:
+            folder = Folder(self, account, result[0], listener, unsubscribe)
+            folder.recent_from = result[1]
+            return folder
 
         def failed(f: Failure) -> Failure:
             if unsubscribe is not None:
@@ -266,6 +275,8 @@ class Folder:
         self.state = state
         self._paths: dict[int, str] | None = None
         self._cur: str | None = None
+        self.recent_from = 0
+        """After a look that claimed recent messages: the lowest UID claimed (0: none)."""
         self._listener = listener
         self._unsubscribe = unsubscribe
         if listener is not None and unsubscribe is None:
@@ -296,16 +307,23 @@ class Folder:
             d.addCallback(self.store._notify_then(self.account, self.name, self._listener))
         return d
 
-    def refresh(self) -> Deferred[FolderState]:
-        """Look again (pick up new mail, see others' changes); C{state} is the new state."""
+    def refresh(self, claim_recent: bool = False) -> Deferred[FolderState]:
+        """
+        Look again (pick up new mail, see others' changes); C{state} is the new state. With
+        C{claim_recent}, messages no session has seen yet become recent for this view: those
+        with a UID at or above L{recent_from}.
+        """
         name = self.name
 
-        def look(index: MailIndex) -> FolderState:
+        def look(index: MailIndex) -> tuple[FolderState, int]:
             index.sync(name)
-            return index.state(name)
+            first = index.claim_recent(name) if claim_recent else 0
+            return index.state(name), first
 
-        def update(state: FolderState) -> FolderState:
+        def update(result: tuple[FolderState, int]) -> FolderState:
+            state, first = result
             self.state = state
+            self.recent_from = first
             self._paths = None
             return state
 

@@ -199,12 +199,13 @@ class IMAPTests(TestCase):
         self.assertEqual(body, data)
 
     async def test_idle_woken_by_delivery(self) -> None:
-        """An IDLE session sees * n EXISTS within a second of an SMTP delivery."""
+        """An IDLE session sees * n EXISTS within a second of an SMTP delivery, then
+        * m RECENT (the only session on the folder, it claims the new message)."""
         server = await self.start()
         await in_thread(send, server, 1)
         port = server.port("imap")
 
-        def run() -> tuple[bytes, float]:
+        def run() -> tuple[bytes, bytes, float]:
             m = login(port)
             m.select("INBOX")
             tag = m._new_tag()
@@ -215,14 +216,16 @@ class IMAPTests(TestCase):
             m.sock.settimeout(5)
             line = m.readline()
             took = time.monotonic() - start
+            recent = m.readline()
             m.send(b"DONE\r\n")
             done = m.readline()
             assert done.startswith(tag + b" OK"), done
             m.logout()
-            return line, took
+            return line, recent, took
 
-        line, took = await in_thread(run)
+        line, recent, took = await in_thread(run)
         self.assertEqual(line, b"* 2 EXISTS\r\n")
+        self.assertEqual(recent, b"* 2 RECENT\r\n")
         self.assertLess(took, 1.0)
 
     async def test_curl_imaps_list_and_fetch(self) -> None:
@@ -428,19 +431,22 @@ class TwoSessionTests(TestCase):
                 (name, out[name]),  # type: ignore[attr-defined]
             )
         self.assertEqual(out["search"][0], b"* SEARCH 1 2 3")  # type: ignore[index]
-        self.assertIn(b"* 2 EXPUNGE", out["noop"])  # type: ignore[operator]
+        # A selected first: the three messages are \\Recent for A; one is gone.
+        self.assertEqual(out["noop"][-2:], [b"* 2 EXPUNGE", b"* 2 RECENT"])  # type: ignore[index]
         # The flag change may be told with the SEARCH (any command may) or at the NOOP.
         told = out["search"][1:] + out["noop"]  # type: ignore[index, operator]
-        self.assertIn(b"* 1 FETCH (FLAGS (\\Flagged))", told)
+        self.assertIn(b"* 1 FETCH (FLAGS (\\Flagged \\Recent))", told)
         self.assertEqual(
             fetch_map(out["after"]),  # type: ignore[arg-type]
-            {1: b"UID 1 FLAGS (\\Flagged)", 2: b"UID 3 FLAGS ($Later)"},
+            {1: b"UID 1 FLAGS (\\Flagged \\Recent)", 2: b"UID 3 FLAGS (\\Recent $Later)"},
         )
 
     async def test_idle_sees_flags_expunge_and_new_mail_within_a_second(self) -> None:
         """
         A session in IDLE is told at once (well under a second) of another session's flag
-        change, expunge and APPEND, and of a delivery; DONE ends IDLE with OK.
+        change, expunge and APPEND, and of a delivery; DONE ends IDLE with OK. A selected
+        first, so the messages are \\Recent for it; B has unselected before its APPEND, so A
+        (the only session left on INBOX) claims the new messages too.
         """
         server = await start_server(self, listeners=LISTENERS)
         await in_thread(send, server, 1, 2)
@@ -453,17 +459,18 @@ class TwoSessionTests(TestCase):
             a.send(tag + b" IDLE\r\n")
             assert a.line().startswith(b"+ ")
             seen = []
-            for action in (
-                lambda: b.ok("STORE 1 +FLAGS.SILENT (\\Seen)"),
-                lambda: b.ok("STORE 2 +FLAGS.SILENT (\\Deleted)"),
-                lambda: b.ok("EXPUNGE"),
-                lambda: b.ok("APPEND INBOX {5+}\r\nab\r\nc"),
-                lambda: send(server, 3),
+            for action, responses in (
+                (lambda: b.ok("STORE 1 +FLAGS.SILENT (\\Seen)"), 1),
+                (lambda: b.ok("STORE 2 +FLAGS.SILENT (\\Deleted)"), 1),
+                (lambda: b.ok("EXPUNGE"), 2),
+                (lambda: (b.ok("UNSELECT"), b.ok("APPEND INBOX {5+}\r\nab\r\nc")), 2),
+                (lambda: send(server, 3), 2),
             ):
                 start = time.monotonic()
                 action()
                 a.sock.settimeout(2)
                 seen.append((a.response(), time.monotonic() - start))
+                seen.extend((a.response(), 0.0) for _ in range(responses - 1))
             a.send(b"DONE\r\n")
             untagged, done = a.until(tag)
             assert done.startswith(tag + b" OK"), done
@@ -475,11 +482,14 @@ class TwoSessionTests(TestCase):
         self.assertEqual(
             [line for line, _ in seen],
             [
-                b"* 1 FETCH (FLAGS (\\Seen))",
-                b"* 2 FETCH (FLAGS (\\Deleted))",
+                b"* 1 FETCH (FLAGS (\\Recent \\Seen))",
+                b"* 2 FETCH (FLAGS (\\Deleted \\Recent))",
                 b"* 2 EXPUNGE",
+                b"* 1 RECENT",
                 b"* 2 EXISTS",
+                b"* 2 RECENT",
                 b"* 3 EXISTS",
+                b"* 3 RECENT",
             ],
         )
         for line, took in seen:
@@ -573,10 +583,15 @@ class LargeAndPersistentTests(TestCase):
             return validity, fetched
 
         v1, before = await in_thread(look, server.port("imap", 1), True)
-        self.assertEqual(before, {1: b"UID 2 FLAGS (\\Flagged $Work)", 2: b"UID 3 FLAGS (\\Seen)"})
+        self.assertEqual(
+            before,
+            {1: b"UID 2 FLAGS (\\Flagged \\Recent $Work)", 2: b"UID 3 FLAGS (\\Recent \\Seen)"},
+        )
         server = await server.restart(self)
         v2, after = await in_thread(look, server.port("imap", 1), False)
-        self.assertEqual((v2, after), (v1, before))
+        # The first session claimed them: \\Recent no more, after a restart too.
+        self.assertEqual(v2, v1)
+        self.assertEqual(after, {1: b"UID 2 FLAGS (\\Flagged $Work)", 2: b"UID 3 FLAGS (\\Seen)"})
 
         for suffix in ("", "-wal", "-shm"):
             path = server.maildir(ALICE) / f"index.sqlite{suffix}"
@@ -671,10 +686,10 @@ class CommandTests(TestCase):
             + text[5:12]
             + b")",
         )
-        self.assertEqual(out["flags"], [b"* 1 FETCH (FLAGS ())"])
+        self.assertEqual(out["flags"], [b"* 1 FETCH (FLAGS (\\Recent))"])
         [seen] = out["seen"]  # type: ignore[misc]
         self.assertIn(b"UID 2", seen)
-        self.assertIn(b"FLAGS (\\Seen)", seen)
+        self.assertIn(b"FLAGS (\\Recent \\Seen)", seen)
         [again] = out["seen_again"]  # type: ignore[misc]
         self.assertNotIn(b"FLAGS", again)
 
@@ -789,7 +804,7 @@ class CommandTests(TestCase):
             return out
 
         out = await in_thread(run)
-        self.assertEqual(out["plain"], [b"* 1 FETCH (FLAGS (\\Answered))"])
+        self.assertEqual(out["plain"], [b"* 1 FETCH (FLAGS (\\Answered \\Recent))"])
         self.assertEqual(out["silent"], [])
         self.assertTrue(any(b"HIGHESTMODSEQ" in r for r in out["select"]))  # type: ignore[attr-defined]
         changed = fetch_map(out["changed"])  # type: ignore[arg-type]
@@ -1019,7 +1034,11 @@ class CommandTests(TestCase):
         self.assertRegex(out["trycreate"], rb"^t\d+ NO \[TRYCREATE\]")
         move = out["move"]
         self.assertTrue(move[0].startswith(b"* OK [COPYUID "), move)  # type: ignore[index]
-        self.assertEqual(expunged(3, move[1:]), [1, 2])  # type: ignore[index]
+        self.assertEqual(expunged(3, move[1:3]), [1, 2])  # type: ignore[index]
+        # Of the session's recent messages (all: it selected first) two are left; the 4th
+        # message, unless STATUS told it, comes with the MOVE.
+        rest = [b"* 2 RECENT"] if exists else [b"* 2 EXISTS", b"* 2 RECENT"]
+        self.assertEqual(move[3:], rest)  # type: ignore[index]
 
 
 class SessionRulesTests(TestCase):
