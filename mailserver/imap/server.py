@@ -17,6 +17,7 @@ import base64
 import binascii
 import datetime as dt
 import itertools
+import os
 import re
 import secrets
 import tempfile
@@ -52,6 +53,7 @@ from mailserver.imap.parser import (
     OrKey,
     ParseError,
     Reader,
+    Section,
     SequenceSet,
     TooLong,
     encode_mutf7,
@@ -1386,9 +1388,18 @@ class IMAPServer(Protocol):
         structure: mime.MessageStructure | None = None
         if needs_file:
             f = open(folder.path(info.uid), "rb")  # noqa: SIM115
-        try:
-            if f is not None:
+        # A file whose size is the message's CRLF size is canonical: the whole message is
+        # its bytes, sent without parsing its MIME structure (the common bulk download).
+        canonical = f is not None and os.fstat(f.fileno()).st_size == info.size
+
+        def parsed() -> mime.MessageStructure:
+            nonlocal structure
+            if structure is None:
+                assert f is not None
                 structure = mime.parse_structure(f)
+            return structure
+
+        try:
             head = f"* {box.msn(info.uid)} FETCH (".encode()
             buf = bytearray(head)
             first = True
@@ -1408,14 +1419,21 @@ class IMAPServer(Protocol):
                 elif name == "MODSEQ":
                     buf += b"MODSEQ (%d)" % box.messages[info.uid].modseq
                 elif name == "ENVELOPE":
-                    assert structure is not None
-                    buf += b"ENVELOPE " + mime.envelope(structure)
+                    buf += b"ENVELOPE " + mime.envelope(parsed())
                 elif name in ("BODY", "BODYSTRUCTURE") and att.section is None:
-                    assert structure is not None
-                    buf += name.encode() + b" " + mime.body_structure(structure, name != "BODY")
+                    buf += name.encode() + b" " + mime.body_structure(parsed(), name != "BODY")
                 else:
-                    assert structure is not None and f is not None
-                    label, section = self._section(att, structure, f)
+                    assert f is not None
+                    whole = name == "RFC822" or (
+                        name == "BODY" and att.section is not None and att.section == Section()
+                    )
+                    if whole and canonical:
+                        label = "RFC822" if name == "RFC822" else att.response_name()
+                        section = mime.SectionData(ranges=((0, info.size),), size=info.size)
+                        if att.partial is not None:
+                            section = mime.apply_partial(section, att.partial[0], att.partial[1])
+                    else:
+                        label, section = self._section(att, parsed(), f)
                     buf += label.encode() + b" {%d}\r\n" % section.size
                     if section.size <= _INLINE:
                         for chunk in mime.iter_section(f, section):

@@ -1198,3 +1198,39 @@ class StreamingTests(TestCase):
         self.assertGreater(total, sum(written))
         self.assertLess(stalled, 24 * 1024 * 1024, "the server buffered while nobody read")
         self.assertLess(peak, 40 * 1024 * 1024)
+
+
+class WholeMessageFetchTests(TestCase):
+    async def test_whole_message_of_canonical_and_bare_lf_files(self) -> None:
+        """
+        BODY[] of a message in canonical CRLF form is its file (sent without parsing), with
+        partials; a file placed by hand with bare LFs is sent in CRLF form, its size as LIST
+        would count it.
+        """
+        server = await start_server(self, listeners=LISTENERS)
+        await in_thread(send, server, 1)
+        new = server.maildir(ALICE) / "new"
+        lf = b"Subject: by hand\n\nline one\nline two\n"
+        (new / "9999999999.M1P1.hand").write_bytes(lf)
+        port = server.port("imap")
+
+        def run() -> list[bytes]:
+            m = login(port)
+            m.select("INBOX")
+            out = []
+            for spec in ("BODY.PEEK[]", "BODY.PEEK[]<0.10>", "RFC822"):
+                typ, data = m.fetch("1", f"({spec})")
+                out.append(data[0][1])
+            typ, data = m.fetch("2", "(RFC822.SIZE BODY.PEEK[])")
+            out.append(data[0][1])
+            out.append(data[0][0])
+            m.logout()
+            return out
+
+        whole, partial, rfc822, by_hand, head = await in_thread(run)
+        [canonical] = [b for b in stored(server) if b"message 1" in b]
+        self.assertEqual(whole, canonical)
+        self.assertEqual(partial, canonical[:10])
+        self.assertEqual(rfc822, canonical)
+        self.assertEqual(by_hand, lf.replace(b"\n", b"\r\n"))
+        self.assertIn(b"RFC822.SIZE %d" % len(by_hand), head)
