@@ -778,19 +778,32 @@ class IMAPServer(Protocol):
             r.sp()
             return_opts = [str(v).upper() for v in r.paren_list(r.atom, allow_empty=True)]
         r.end()
+        known_selection = {"SUBSCRIBED", "REMOTE", "RECURSIVEMATCH", "SPECIAL-USE"}
+        if not set(selection) <= known_selection:
+            raise r.error("unknown LIST selection option")
+        if "RECURSIVEMATCH" in selection and not set(selection) - {"RECURSIVEMATCH", "REMOTE"}:
+            raise r.error("RECURSIVEMATCH needs another selection option")
+        if not set(return_opts) <= {"SUBSCRIBED", "CHILDREN", "SPECIAL-USE"}:
+            raise r.error("unknown LIST return option")
         subscribed_only = lsub or "SUBSCRIBED" in selection
         special_only = "SPECIAL-USE" in selection
+        recursive = "RECURSIVEMATCH" in selection
         if reference == INBOX:
             reference = ""
-        d = self._store.folders(self._require_account())
+        d = self._store.run(
+            self._require_account(), lambda index: (index.folders(), index.subscriptions())
+        )
 
-        def answer(folders: list[Any]) -> None:
+        def answer(result: tuple[list[Any], list[str]]) -> None:
+            folders, subscriptions = result
             word = "LSUB" if lsub else "LIST"
+            full = [reference + p for p in patterns]
             if patterns == [""] and not lsub:
                 self._out.append(f'* LIST (\\Noselect) "{SEPARATOR}" ""\r\n'.encode())
+            elif "SUBSCRIBED" in selection and not lsub:
+                self._list_subscribed(folders, subscriptions, full, recursive, return_opts)
             else:
                 names = {f.name for f in folders}
-                full = [reference + p for p in patterns]
                 for folder in folders:
                     if not any(_matches(p, folder.name) for p in full):
                         continue
@@ -807,9 +820,8 @@ class IMAPServer(Protocol):
                             "SPECIAL-USE" in return_opts or not return_opts or special_only
                         ):
                             attrs.append(folder.special_use)
-                        wants_subscribed = "SUBSCRIBED" in selection or "SUBSCRIBED" in return_opts
-                        if wants_subscribed and folder.subscribed:
-                            attrs.append("\\Subscribed")  # RFC 5258 §3.2 and §3.1
+                        if "SUBSCRIBED" in return_opts and folder.subscribed:
+                            attrs.append("\\Subscribed")  # RFC 5258 §3.2
                     self._list_line(word, attrs, folder.name)
                 if lsub:
                     self._lsub_parents(folders, full)
@@ -817,9 +829,49 @@ class IMAPServer(Protocol):
 
         return d.addCallback(answer)
 
-    def _list_line(self, word: str, attrs: list[str], name: str) -> None:
+    def _list_line(self, word: str, attrs: list[str], name: str, extra: bytes = b"") -> None:
         line = f'* {word} ({" ".join(attrs)}) "{SEPARATOR}" '.encode() + self._name_out(name)
-        self._out.append(line + b"\r\n")
+        self._out.append(line + extra + b"\r\n")
+
+    def _list_subscribed(
+        self,
+        folders: list[Any],
+        subscriptions: list[str],
+        patterns: list[str],
+        recursive: bool,
+        return_opts: list[str],
+    ) -> None:
+        """
+        LIST (SUBSCRIBED) (RFC 5258 §3.1): the subscribed names matching the patterns, with
+        C{\\NonExistent} for those without a folder; with RECURSIVEMATCH, also the matching
+        names that have subscribed descendants outside the patterns, with CHILDINFO.
+        """
+        existing = {f.name: f for f in folders}
+        subscribed = set(subscriptions)
+        candidates = subscribed | (set(existing) if recursive else set())
+        for name in sorted(candidates):
+            if not any(_matches(p, name) for p in patterns):
+                continue
+            childinfo = recursive and any(
+                s.startswith(name + SEPARATOR) and not any(_matches(p, s) for p in patterns)
+                for s in subscribed
+            )
+            if name not in subscribed and not childinfo:
+                continue
+            attrs = []
+            folder = existing.get(name)
+            if folder is not None:
+                prefix = name + SEPARATOR
+                children = any(n.startswith(prefix) for n in existing)
+                attrs.append("\\HasChildren" if children else "\\HasNoChildren")
+                if folder.special_use and "SPECIAL-USE" in return_opts:
+                    attrs.append(folder.special_use)
+            if name in subscribed:
+                attrs.append("\\Subscribed")
+            if folder is None:
+                attrs.append("\\NonExistent")
+            extra = b' ("CHILDINFO" ("SUBSCRIBED"))' if childinfo else b""
+            self._list_line("LIST", attrs, name, extra)
 
     def _lsub_parents(self, folders: list[Any], patterns: list[str]) -> None:
         """

@@ -1234,3 +1234,50 @@ class WholeMessageFetchTests(TestCase):
         self.assertEqual(rfc822, canonical)
         self.assertEqual(by_hand, lf.replace(b"\n", b"\r\n"))
         self.assertIn(b"RFC822.SIZE %d" % len(by_hand), head)
+
+
+class ListExtendedTests(TestCase):
+    async def test_list_extended_options_and_subscriptions(self) -> None:
+        """
+        RFC 5258: unknown selection or RETURN options and RECURSIVEMATCH alone are BAD;
+        LIST (SUBSCRIBED) shows a subscribed name without a folder as \\NonExistent; with
+        RECURSIVEMATCH, an unsubscribed parent of a subscribed folder gets CHILDINFO.
+        """
+        server = await start_server(self, listeners=LISTENERS)
+        port = server.port("imap")
+
+        def run() -> dict[str, object]:
+            m = login(port)
+            out: dict[str, object] = {}
+            for name, args in (
+                ("unknown", '(BOGUS) "" ""'),
+                ("recursive_alone", '(RECURSIVEMATCH) "" ""'),
+                ("bad_return", '"" "" RETURN (BOGUS)'),
+            ):
+                tag = m._new_tag()
+                m.send(tag + b" LIST " + args.encode() + b"\r\n")
+                out[name] = m.readline()
+            m.create("Top/Sub")
+            m.subscribe("Top/Sub")
+            m.subscribe("Ghost")
+            m.create("Gone")
+            m.subscribe("Gone")
+            m.delete("Gone")
+            out["subscribed"] = m._simple_command("LIST", "(SUBSCRIBED)", '""', "*")
+            out["subscribed_lines"] = m.untagged_responses.pop("LIST", [])
+            m._simple_command("LIST", "(SUBSCRIBED RECURSIVEMATCH)", '""', "%")
+            out["recursive_lines"] = m.untagged_responses.pop("LIST", [])
+            m.logout()
+            return out
+
+        out = await in_thread(run)
+        for name in ("unknown", "recursive_alone", "bad_return"):
+            self.assertRegex(out[name], rb"^\S+ BAD ", name)  # type: ignore[arg-type]
+        lines = out["subscribed_lines"]
+        self.assertIn(b'(\\Subscribed \\NonExistent) "/" "Ghost"', lines)
+        self.assertIn(b'(\\Subscribed \\NonExistent) "/" "Gone"', lines)
+        self.assertIn(b'(\\HasNoChildren \\Subscribed) "/" "Top/Sub"', lines)
+        self.assertIn(
+            b'(\\HasChildren) "/" "Top" ("CHILDINFO" ("SUBSCRIBED"))',
+            out["recursive_lines"],  # type: ignore[arg-type]
+        )
