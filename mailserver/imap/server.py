@@ -1376,10 +1376,39 @@ class IMAPServer(Protocol):
                             box.own_flags(info._replace(flags=change.flags, modseq=change.modseq))
 
                 d.addCallback(mark)
-        pieces = self._fetch_pieces(tag, uids, atts, uid)
+        cache: dict[int, tuple[bytes, bytes, bytes]] = {}
+        learned: dict[int, tuple[bytes, bytes, bytes]] = {}
+        if any(a.name in _STRUCTURE_ITEMS and a.section is None for a in atts):
+            # ENVELOPE/BODY/BODYSTRUCTURE: from the index when computed before (RFC 3501 data
+            # that never changes for a message), else parsed now and remembered afterwards.
+            name = folder.name
+            wanted = list(uids)
+            lookup = self._store.run(folder.account, lambda index: index.parsed(name, wanted))
+            lookup.addCallback(cache.update)
+            d = lookup if d is None else d.addCallback(lambda _: lookup)
+        pieces = self._fetch_pieces(tag, uids, atts, uid, cache, learned)
+
+        def send(_: object = None) -> Deferred[None] | None:
+            sent = self._send_stream(pieces)
+            if sent is None:
+                self._remember_parsed(folder, learned)
+                return None
+            return sent.addCallback(lambda _: self._remember_parsed(folder, learned))
+
         if d is None:
-            return self._send_stream(pieces)
-        return d.addCallback(lambda _: self._send_stream(pieces))
+            return send()
+        return d.addCallback(send)
+
+    def _remember_parsed(
+        self, folder: Folder, learned: dict[int, tuple[bytes, bytes, bytes]]
+    ) -> None:
+        """Store what this FETCH parsed, in the background (it can always be parsed again)."""
+        if not learned:
+            return
+        name = folder.name
+        entries = dict(learned)
+        d = self._store.run(folder.account, lambda index: index.remember_parsed(name, entries))
+        d.addErrback(lambda f: log.internal_error(self.session, self.peer, "cache", f))
 
     def _condstore_enabling(self, box: SelectedMailbox) -> None:
         """
@@ -1415,7 +1444,13 @@ class IMAPServer(Protocol):
         return None
 
     def _fetch_pieces(
-        self, tag: str, uids: list[int], atts: list[FetchAtt], uid_command: bool
+        self,
+        tag: str,
+        uids: list[int],
+        atts: list[FetchAtt],
+        uid_command: bool,
+        cache: dict[int, tuple[bytes, bytes, bytes]],
+        learned: dict[int, tuple[bytes, bytes, bytes]],
     ) -> Iterator[bytes]:
         box, folder = self._box, self._folder
         assert box is not None and folder is not None
@@ -1424,17 +1459,26 @@ class IMAPServer(Protocol):
             if info is None:
                 continue
             try:
-                yield from self._fetch_one(box, folder, info, atts)
+                yield from self._fetch_one(box, folder, info, atts, cache, learned)
             except FileNotFoundError:
                 flags = flag_list(info.flags)
                 yield f"* {box.msn(uid)} FETCH (UID {uid} FLAGS {flags})\r\n".encode()
         yield f"{tag} OK {'UID ' if uid_command else ''}FETCH completed\r\n".encode()
 
     def _fetch_one(
-        self, box: SelectedMailbox, folder: Folder, info: MessageInfo, atts: list[FetchAtt]
+        self,
+        box: SelectedMailbox,
+        folder: Folder,
+        info: MessageInfo,
+        atts: list[FetchAtt],
+        cache: dict[int, tuple[bytes, bytes, bytes]],
+        learned: dict[int, tuple[bytes, bytes, bytes]],
     ) -> Iterator[bytes]:
+        cached = cache.get(info.uid)
         needs_file = any(
-            a.name not in ("UID", "FLAGS", "INTERNALDATE", "RFC822.SIZE", "MODSEQ") for a in atts
+            a.name not in ("UID", "FLAGS", "INTERNALDATE", "RFC822.SIZE", "MODSEQ")
+            and not (cached is not None and a.name in _STRUCTURE_ITEMS and a.section is None)
+            for a in atts
         )
         f: BinaryIO | None = None
         structure: mime.MessageStructure | None = None
@@ -1470,10 +1514,17 @@ class IMAPServer(Protocol):
                     buf += b"RFC822.SIZE %d" % info.size
                 elif name == "MODSEQ":
                     buf += b"MODSEQ (%d)" % box.messages[info.uid].modseq
-                elif name == "ENVELOPE":
-                    buf += b"ENVELOPE " + mime.envelope(parsed())
-                elif name in ("BODY", "BODYSTRUCTURE") and att.section is None:
-                    buf += name.encode() + b" " + mime.body_structure(parsed(), name != "BODY")
+                elif name in _STRUCTURE_ITEMS and att.section is None:
+                    if cached is None:
+                        structure_ = parsed()
+                        cached = (
+                            mime.envelope(structure_),
+                            mime.body_structure(structure_, False),
+                            mime.body_structure(structure_, True),
+                        )
+                        cache[info.uid] = learned[info.uid] = cached
+                    value = cached[_STRUCTURE_ITEMS.index(name)]
+                    buf += name.encode() + b" " + value
                 else:
                     assert f is not None
                     whole = name == "RFC822" or (
@@ -1598,6 +1649,9 @@ def _uses_modseq(key: object) -> bool:
         return _uses_modseq(key.key)
     return False
 
+
+_STRUCTURE_ITEMS = ("ENVELOPE", "BODY", "BODYSTRUCTURE")
+"""FETCH items computed from the MIME structure alone, cached per message in the index."""
 
 _ANY = (_NOT_AUTH, _AUTH, _SELECTED)
 _AUTHED = (_AUTH, _SELECTED)

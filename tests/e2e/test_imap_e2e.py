@@ -1281,3 +1281,31 @@ class ListExtendedTests(TestCase):
             b'(\\HasChildren) "/" "Top" ("CHILDINFO" ("SUBSCRIBED"))',
             out["recursive_lines"],  # type: ignore[arg-type]
         )
+
+
+class StructureCacheTests(TestCase):
+    async def test_envelope_and_bodystructure_come_from_the_index_once_parsed(self) -> None:
+        """
+        ENVELOPE and BODYSTRUCTURE are parsed once and kept in the index: a second FETCH
+        answers them without reading the file (shown by removing the file in between).
+        """
+        server = await start_server(self, listeners=LISTENERS)
+        await in_thread(send, server, 1)
+        port = server.port("imap")
+
+        def run() -> tuple[bytes, bytes]:
+            m = login(port)
+            m.select("INBOX")
+            typ, first = m.fetch("1", "(ENVELOPE BODYSTRUCTURE)")
+            m.noop()  # the cache is written after the answer; let it land
+            for sub in ("cur", "new"):
+                for path in (server.maildir(ALICE) / sub).iterdir():
+                    path.unlink()
+            typ, second = m.fetch("1", "(ENVELOPE BODYSTRUCTURE)")
+            m.logout()
+            return first[0], second[0]
+
+        first, second = await in_thread(run)
+        self.assertIn(b"ENVELOPE (", first)
+        self.assertIn(b'"message 1"', first)
+        self.assertEqual(second, first)
