@@ -261,9 +261,10 @@ class POP3AndAuthLimitsTests(SynchronousTestCase):
 class EmbeddedDefaultTests(SynchronousTestCase):
     def test_embedded_default(self) -> None:
         """No file: domain localhost, data under ./var, SMTP, POP3, IMAP on high loopback ports."""
-        cfg = c.embedded_default(Path("/home/u/work"))
+        cwd = Path(self.mktemp()).absolute()
+        cfg = c.embedded_default(cwd)
         self.assertEqual(cfg.server.domain, "localhost")
-        self.assertEqual(cfg.server.data_dir, Path("/home/u/work/var"))
+        self.assertEqual(cfg.server.data_dir, cwd / "var")
         self.assertEqual(
             [(lst.kind, lst.endpoint, lst.tls) for lst in cfg.listeners],
             [
@@ -277,8 +278,8 @@ class EmbeddedDefaultTests(SynchronousTestCase):
 
     def test_embedded_default_renders_and_parses_back(self) -> None:
         """The embedded default, pop3 listeners included, survives `config check`'s output."""
-        cfg = c.embedded_default(Path("/home/u/work"))
-        again = c.parse(c.render(cfg), base_dir=Path("/elsewhere"))
+        cfg = c.embedded_default(Path(self.mktemp()).absolute())
+        again = c.parse(c.render(cfg), base_dir=Path(self.mktemp()).absolute())
         self.assertEqual(dataclasses.replace(again, source=cfg.source), cfg)
 
     def test_render_round_trips(self) -> None:
