@@ -72,6 +72,7 @@ from mailserver.store.index import (
     SEPARATOR,
     FolderError,
     FolderState,
+    MailIndex,
     MessageInfo,
     check_folder_name,
 )
@@ -980,7 +981,7 @@ class IMAPServer(Protocol):
                 show(folder, folder.recent_from)
                 return None
             # EXAMINE: the messages no session has claimed are recent here too, and stay so.
-            unclaimed = self._store.run(account, lambda index: _unclaimed_from(index, name))
+            unclaimed = self._store.run(account, lambda index: index.unclaimed_from(name))
             return unclaimed.addCallback(lambda first: show(folder, first))
 
         def show(folder: Folder, recent_from: int) -> None:
@@ -1100,7 +1101,7 @@ class IMAPServer(Protocol):
             if not box.read_only or not state.messages or state.messages[-1].uid <= top:
                 return folder.recent_from
             # EXAMINE: new messages no session has claimed are recent here too (unclaimed).
-            return self._store.run(folder.account, lambda index: _unclaimed_from(index, box.name))
+            return self._store.run(folder.account, lambda index: index.unclaimed_from(box.name))
 
         def tell(recent_from: int) -> None:
             updates = box.update(folder.state, allow_expunge, uid_command, recent_from)
@@ -1589,17 +1590,9 @@ class IMAPServer(Protocol):
         return self._account
 
 
-def _ensure_special_folders(index: Any) -> None:
+def _ensure_special_folders(index: MailIndex) -> None:
     """Give a new account its special-use folders (once: a user may delete them later)."""
-    row = index._db.execute("SELECT value FROM meta WHERE key = 'special_folders'").fetchone()
-    if row is not None:
-        return
-    existing = {f.name for f in index.folders()}
-    for name, use in SPECIAL_FOLDERS:
-        if name not in existing:
-            index.create_folder(name, use)
-    with index._transaction() as db:
-        db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('special_folders', '1')")
+    index.ensure_folders_once("special_folders", SPECIAL_FOLDERS)
 
 
 def _matches(pattern: str, name: str) -> bool:
@@ -1625,17 +1618,6 @@ def _read_text(path: str) -> tuple[bytes, bytes]:
         sep = data.find(b"\n\n")
         return (data, b"") if sep < 0 else (data[:sep], data[sep + 2 :])
     return data[:sep], data[sep + 4 :]
-
-
-def _unclaimed_from(index: Any, name: str) -> int:
-    """
-    The lowest UID in folder C{name} that no session has claimed as recent (every UID at or
-    above it is unclaimed); 0 if the folder is gone. Claims nothing (EXAMINE).
-    """
-    row = index._db.execute(
-        "SELECT recent_uid FROM folders WHERE name = ?", (check_folder_name(name),)
-    ).fetchone()
-    return int(row[0]) if row is not None else 0
 
 
 def _uses_modseq(key: object) -> bool:

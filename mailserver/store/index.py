@@ -543,6 +543,34 @@ class MailIndex:
             db.execute("UPDATE folders SET recent_uid = ? WHERE id = ?", (uidnext, folder_id))
         return int(first)
 
+    def unclaimed_from(self, name: str) -> int:
+        """
+        The lowest UID of folder C{name} that no session has claimed as recent (every UID at
+        or above it is unclaimed); 0 if the folder is gone. Claims nothing (IMAP EXAMINE).
+        """
+        row = self._folder_row(check_folder_name(name))
+        if row is None:
+            return 0
+        (first,) = self._db.execute(
+            "SELECT recent_uid FROM folders WHERE id = ?", (row[0],)
+        ).fetchone()
+        return int(first)
+
+    def ensure_folders_once(self, key: str, folders: Iterable[tuple[str, str]]) -> None:
+        """
+        Create the missing ones of C{folders} (name, special use), once per C{key} for this
+        mailbox: a user who deletes one later does not get it back.
+        """
+        done = self._db.execute("SELECT 1 FROM meta WHERE key = ?", (key,)).fetchone()
+        if done is not None:
+            return
+        existing = {f.name for f in self.folders()}
+        for name, use in folders:
+            if name not in existing:
+                self.create_folder(name, use)
+        with self._transaction() as db:
+            db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, '1')", (key,))
+
     def recent_count(self, name: str) -> int:
         """Messages not yet claimed as recent by any session (STATUS RECENT)."""
         folder_id = self._require_folder(name)[0]
