@@ -9,6 +9,7 @@ L{embedded_default} is the configuration used when no file is given.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import socket
@@ -18,10 +19,13 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-ListenerKind = Literal["smtp", "pop3", "imap"]
+from mailserver.queue.model import parse_next_hop
+
+ListenerKind = Literal["smtp", "submission", "pop3", "imap"]
 TLSMode = Literal["starttls", "implicit", "none"]
 
-LISTENER_KINDS: tuple[str, ...] = ("smtp", "pop3", "imap")
+LISTENER_KINDS: tuple[str, ...] = ("smtp", "submission", "pop3", "imap")
+RELAY_TLS_MODES: tuple[str, ...] = ("starttls", "implicit", "opportunistic", "none")
 TLS_MODES: tuple[str, ...] = ("starttls", "implicit", "none")
 
 
@@ -107,11 +111,75 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class DNSConfig:
+    nameservers: tuple[str, ...] = ()
+    """Resolvers to ask, as C{"192.0.2.53"}, C{"127.0.0.1:5353"} or C{"[2001:db8::53]:53"};
+    empty: those of /etc/resolv.conf."""
+    timeout: float = 10.0
+    """Seconds one look-up may take over all its tries; then the delivery is deferred."""
+
+
+@dataclass(frozen=True, slots=True)
+class RouteConfig:
+    """Mail for C{domain} goes to C{host} instead of the domain's MX hosts (a transport map)."""
+
+    domain: str
+    host: str
+    """C{"[192.0.2.7]:25"} (brackets: this host's addresses, no MX look-up) or
+    C{"relay.example.net"} / C{"relay.example.net:2525"} (its MX hosts, as Postfix reads it)."""
+    tls: str = "opportunistic"
+    """opportunistic (STARTTLS when offered, unverified), starttls (required and verified),
+    implicit (TLS from the first byte, verified), none."""
+
+
+@dataclass(frozen=True, slots=True)
+class RelayConfig:
+    """The smarthost: all remote mail (but routed domains) goes through it when C{host} is set."""
+
+    host: str = ""
+    """C{"[smtp.provider.example]:587"}; empty: no smarthost, mail goes to each domain's MX."""
+    tls: str = "starttls"
+    """starttls or implicit (certificate verified), opportunistic, none."""
+    user: str = ""
+    """User name for AUTH PLAIN at the smarthost; empty: no AUTH."""
+    password_file: Path | None = None
+    """File holding the smarthost password (one line), readable by the server only."""
+
+
+@dataclass(frozen=True, slots=True)
+class QueueConfig:
+    retry: tuple[float, ...] = (60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0)
+    """Waits after the 1st, 2nd, ... failed attempt; the last one repeats until expiry."""
+    expire: float = 5 * 86400.0
+    """A message still undelivered this long after it was accepted bounces."""
+    delay_notice: float = 4 * 3600.0
+    """One "delayed" notice goes to the sender after this long undelivered (0: never)."""
+    connections_per_domain: int = 10
+    """Connections open at once to one destination domain."""
+    connections: int = 100
+    """Outbound connections open at once in all."""
+    messages_per_connection: int = 100
+    """Messages sent over one connection before it is closed (connection reuse)."""
+    connect_timeout: float = 30.0
+    """Seconds to wait for a TCP connection and the greeting of the next hop."""
+    mx_port: int = 25
+    """The port MX hosts (and next hops given without a port) are reached on; only tests and
+    unusual networks change it."""
+    command_timeout: float = 300.0
+    """Seconds to wait for any one reply of the next hop (RFC 5321 §4.5.3.2 asks up to 10 min
+    after the final dot; 5 minutes is Postfix's default)."""
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     tls: TLSConfig = field(default_factory=TLSConfig)
     listeners: tuple[ListenerConfig, ...] = ()
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    dns: DNSConfig = field(default_factory=DNSConfig)
+    routes: tuple[RouteConfig, ...] = ()
+    relay: RelayConfig = field(default_factory=RelayConfig)
+    queue: QueueConfig = field(default_factory=QueueConfig)
     source: str = "<embedded default>"
     """Where this configuration came from (a path), for messages."""
 
@@ -282,6 +350,53 @@ def _domain(value: Any) -> str:
     return s
 
 
+def _port_number(value: Any) -> int:
+    n = _positive_int(value)
+    if n > 65535:
+        raise ValueError("a port is at most 65535")
+    return n
+
+
+def _nameservers(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise TypeError("expected a list of addresses")
+    out: list[str] = []
+    for item in value:
+        hop = parse_next_hop(_nonempty_string(item), default_port=53)
+        try:
+            ipaddress.ip_address(hop.host)
+        except ValueError:
+            raise ValueError(f"{item!r}: a name server is an IP address (optionally :port)")
+        out.append(_string(item).strip())
+    return tuple(out)
+
+
+def _next_hop(value: Any) -> str:
+    s = _nonempty_string(value).strip()
+    parse_next_hop(s)
+    return s
+
+
+def _next_hop_or_empty(value: Any) -> str:
+    s = _string(value).strip()
+    if s:
+        parse_next_hop(s)
+    return s
+
+
+def _route_domain(value: Any) -> str:
+    s = _domain(value)
+    if not s:
+        raise ValueError("must not be empty")
+    return s
+
+
+def _durations(value: Any) -> tuple[float, ...]:
+    if not isinstance(value, list) or not value:
+        raise TypeError('expected a list of durations, such as ["1m", "5m", "1h"]')
+    return tuple(_positive_duration(v) for v in value)
+
+
 def parse(text: str, source: str = "<string>", base_dir: Path | None = None) -> Config:
     """
     Parse TOML text into a L{Config}.
@@ -302,7 +417,7 @@ def parse(text: str, source: str = "<string>", base_dir: Path | None = None) -> 
 
     r = _Reader(source)
     for key in data:
-        if key not in ("server", "tls", "listener", "limits"):
+        if key not in ("server", "tls", "listener", "limits", "dns", "route", "relay", "queue"):
             r.error(key, "unknown section")
 
     server = r.section(
@@ -381,13 +496,86 @@ def parse(text: str, source: str = "<string>", base_dir: Path | None = None) -> 
     if not raw_listeners:
         r.error("listener", "at least one [[listener]] is needed")
 
-    if r.errors or server is None or tls is None or limits is None:
+    dns = r.section(
+        DNSConfig,
+        r.table(data, "dns"),
+        "dns",
+        {"nameservers": _nameservers, "timeout": _positive_duration},
+    )
+    relay = r.section(
+        RelayConfig,
+        r.table(data, "relay"),
+        "relay",
+        {
+            "host": _next_hop_or_empty,
+            "tls": _choice(RELAY_TLS_MODES),
+            "user": _string,
+            "password_file": path,
+        },
+    )
+    if relay is not None and relay.user and relay.password_file is None:
+        r.error("relay.password_file", "required with relay.user")
+    queue = r.section(
+        QueueConfig,
+        r.table(data, "queue"),
+        "queue",
+        {
+            "retry": _durations,
+            "expire": _positive_duration,
+            "delay_notice": parse_duration,
+            "connections_per_domain": _positive_int,
+            "connections": _positive_int,
+            "messages_per_connection": _positive_int,
+            "connect_timeout": _positive_duration,
+            "command_timeout": _positive_duration,
+            "mx_port": _port_number,
+        },
+    )
+    routes: list[RouteConfig] = []
+    raw_routes = data.get("route", [])
+    if not isinstance(raw_routes, list):
+        r.error("route", "expected [[route]] tables")
+        raw_routes = []
+    for i, item in enumerate(raw_routes):
+        where = f"route[{i}]"
+        if not isinstance(item, dict):
+            r.error(where, "expected a table")
+            continue
+        missing = [k for k in ("domain", "host") if k not in item]
+        for k in missing:
+            r.error(f"{where}.{k}", "required")
+        if missing:
+            continue
+        route = r.section(
+            RouteConfig,
+            item,
+            where,
+            {"domain": _route_domain, "host": _next_hop, "tls": _choice(RELAY_TLS_MODES)},
+        )
+        if route is not None:
+            if any(other.domain == route.domain for other in routes):
+                r.error(f"{where}.domain", f"{route.domain!r} has a route already")
+            routes.append(route)
+
+    if (
+        r.errors
+        or server is None
+        or tls is None
+        or limits is None
+        or dns is None
+        or relay is None
+        or queue is None
+    ):
         raise ConfigError(r.errors)
     return Config(
         server=server,
         tls=tls,
         listeners=tuple(listeners),
         limits=limits,
+        dns=dns,
+        routes=tuple(routes),
+        relay=relay,
+        queue=queue,
         source=source,
     )
 
@@ -410,15 +598,19 @@ def load(path: str | os.PathLike[str]) -> Config:
 def embedded_default(cwd: Path | None = None) -> Config:
     """
     The configuration used with no file: local domain C{localhost}, data under C{./var}, high
-    ports on loopback (SMTP 2525, POP3 2110 with STLS, POP3S 2995, IMAP 2143 with STARTTLS,
-    IMAPS 2993), a self-signed certificate
-    made on first start.
+    ports on loopback (SMTP 2525, submission 2587 with STARTTLS and 2465 with TLS, POP3 2110
+    with STLS, POP3S 2995, IMAP 2143 with STARTTLS, IMAPS 2993), a self-signed certificate made
+    on first start.
     """
     root = cwd if cwd is not None else Path.cwd()
     return Config(
         server=ServerConfig(data_dir=root / "var", domain="localhost"),
         listeners=(
             ListenerConfig(kind="smtp", endpoint="tcp:2525:interface=127.0.0.1"),
+            ListenerConfig(kind="submission", endpoint="tcp:2587:interface=127.0.0.1"),
+            ListenerConfig(
+                kind="submission", endpoint="tcp:2465:interface=127.0.0.1", tls="implicit"
+            ),
             ListenerConfig(kind="pop3", endpoint="tcp:2110:interface=127.0.0.1", tls="starttls"),
             ListenerConfig(kind="pop3", endpoint="tcp:2995:interface=127.0.0.1", tls="implicit"),
             ListenerConfig(kind="imap", endpoint="tcp:2143:interface=127.0.0.1", tls="starttls"),
@@ -437,11 +629,13 @@ def render(config: Config) -> str:
             return repr(v)
         if v is None:
             return '""'
+        if isinstance(v, tuple):
+            return "[" + ", ".join(value(item) for item in v) + "]"
         s = str(v).replace("\\", "\\\\").replace('"', '\\"')
         return f'"{s}"'
 
     out = [f"# effective configuration from {config.source}"]
-    for name in ("server", "tls", "limits"):
+    for name in ("server", "tls", "limits", "dns", "relay", "queue"):
         section = getattr(config, name)
         out.append(f"\n[{name}]")
         for f in fields(section):
@@ -454,4 +648,8 @@ def render(config: Config) -> str:
         out.append("\n[[listener]]")
         for f in fields(listener):
             out.append(f"{f.name} = {value(getattr(listener, f.name))}")
+    for route in config.routes:
+        out.append("\n[[route]]")
+        for f in fields(route):
+            out.append(f"{f.name} = {value(getattr(route, f.name))}")
     return "\n".join(out) + "\n"

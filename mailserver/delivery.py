@@ -19,6 +19,7 @@ from zope.interface import implementer
 from mailserver import log
 from mailserver.interfaces import IDelivery, IDeliveryAgent, IDirectory, IMailStore
 from mailserver.policy.relay import RcptVerdict, check_inbound_rcpt
+from mailserver.queue.model import MailOptions, Notify
 from mailserver.store.body import MessageBody
 
 
@@ -47,7 +48,9 @@ class LocalDelivery:
     def size(self) -> int:
         return self._body.size
 
-    def add_rcpt(self, address: str) -> RcptVerdict:
+    def add_rcpt(
+        self, address: str, notify: frozenset[Notify] | None = None, orcpt: str | None = None
+    ) -> RcptVerdict:
         verdict, accounts = check_inbound_rcpt(self._directory, address)
         for account in accounts:
             self._accounts[account] = None
@@ -102,7 +105,9 @@ class LocalDeliveryAgent:
         self._spill_dir = spill_dir
         self._notify = notify
 
-    def begin(self, mail_from: str, message_id: str) -> IDelivery:
+    def begin(
+        self, mail_from: str, message_id: str, options: MailOptions | None = None
+    ) -> IDelivery:
         return LocalDelivery(
             self._directory, self._store, mail_from, message_id, self._spill_dir, self._notify
         )

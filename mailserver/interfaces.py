@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from twisted.internet.defer import Deferred
 
     from mailserver.policy.relay import RcptVerdict
+    from mailserver.queue.model import MailOptions, Notify, Outgoing, RcptResult, Submission
     from mailserver.store.body import MessageBody
 
 
@@ -60,8 +61,13 @@ class IDelivery(Interface):
 
     size = Attribute("Octets of body received so far.")
 
-    def add_rcpt(address: str) -> RcptVerdict:
-        """Check one recipient (C{local@domain}) and remember it if accepted."""
+    def add_rcpt(
+        address: str, notify: frozenset[Notify] | None = None, orcpt: str | None = None
+    ) -> RcptVerdict:
+        """
+        Check one recipient (C{local@domain}) and remember it if accepted, with its RFC 3461
+        NOTIFY and ORCPT (see L{mailserver.queue.model.QueuedRecipient}).
+        """
 
     def write(data: bytes) -> None:
         """Append body octets (already un-dot-stuffed, CRLF line endings)."""
@@ -79,6 +85,31 @@ class IDelivery(Interface):
 class IDeliveryAgent(Interface):
     """Opens message transactions."""
 
-    def begin(mail_from: str, message_id: str) -> IDelivery:
+    def begin(mail_from: str, message_id: str, options: MailOptions | None = None) -> IDelivery:
         """Start transaction C{message_id} (the id logged and put in C{Received:}) for envelope
-        sender C{mail_from} (C{""} for the null sender)."""
+        sender C{mail_from} (C{""} for the null sender), with the MAIL parameters and the
+        authenticated account in C{options} (None: none, as on port 25)."""
+
+
+class IQueue(Interface):
+    """The outbound queue (L{mailserver.queue.service})."""
+
+    def submit(submission: Submission, prefix: bytes, body: MessageBody) -> Deferred[None]:
+        """
+        Queue C{body} (with the header block C{prefix} on top) for C{submission}'s recipients.
+        Fires once the entry is on disk and synced (the SMTP C{250} waits for it); the first
+        delivery attempt is scheduled at once.
+        """
+
+
+class IOutbound(Interface):
+    """Delivery to the next hop (L{mailserver.queue.delivery})."""
+
+    def send(domain: str, messages: Sequence[Outgoing]) -> Deferred[list[list[RcptResult]]]:
+        """
+        Deliver C{messages}, all for recipients in C{domain}, to its next hop (route, smarthost
+        or MX hosts in preference order), over one connection where the hop allows.
+
+        @return: fires with one list of results per message, one result per recipient, in the
+            order given; never fails (a local error is a C{deferred} result).
+        """

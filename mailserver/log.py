@@ -136,6 +136,76 @@ def delivered(msgid: str, account: str, filename: str, size: int) -> None:
     )
 
 
+def queued(queue_id: str, sender: str, recipients: list[str], size: int) -> None:
+    """A message for remote recipients is durably in the outbound queue."""
+    _emit(
+        LogLevel.info,
+        "queue.queued",
+        "queueid={queue_id} from=<{sender}> nrcpt={nrcpt} size={size} queued",
+        queue_id=queue_id,
+        sender=sender,
+        recipients=recipients,
+        nrcpt=len(recipients),
+        size=size,
+    )
+
+
+def delivery_attempt(
+    queue_id: str,
+    recipient: str,
+    host: str,
+    outcome: str,
+    code: int,
+    reply: str,
+    next_try: float | None,
+) -> None:
+    """
+    One recipient's delivery attempt ended: C{outcome} is sent, deferred or failed; C{host} the
+    next hop that answered (C{""}: none did); C{next_try} the POSIX time of the next attempt
+    when deferred.
+    """
+    _emit(
+        LogLevel.info if outcome == "sent" else LogLevel.warn,
+        "queue.attempt",
+        "queueid={queue_id} to=<{recipient}> relay={relay} status={outcome} "
+        "reply={reply_text}{retry_text}",
+        queue_id=queue_id,
+        recipient=recipient,
+        host=host,
+        relay=host or "none",
+        outcome=outcome,
+        code=code,
+        reply=reply,
+        reply_text=_printable(f"{code} {reply}" if code else reply),
+        next_try=next_try,
+        retry_text="" if next_try is None else f" next_try={next_try:.0f}",
+    )
+
+
+def notice_sent(queue_id: str, kind: str, to: str, notice_id: str) -> None:
+    """A delivery status notice (failure, delay, relayed, delivered) left for the sender."""
+    _emit(
+        LogLevel.info,
+        "queue.notice",
+        "queueid={queue_id} {kind} notice to=<{to}> as {notice_id}",
+        queue_id=queue_id,
+        kind=kind,
+        to=to,
+        notice_id=notice_id,
+    )
+
+
+def queue_removed(queue_id: str, reason: str) -> None:
+    """An entry left the queue: C{reason} is delivered, bounced, expired or deleted."""
+    _emit(
+        LogLevel.info,
+        "queue.removed",
+        "queueid={queue_id} removed ({reason})",
+        queue_id=queue_id,
+        reason=reason,
+    )
+
+
 def _printable(text: str, limit: int = 256) -> str:
     """
     C{text} as one safe line: control and invisible characters escaped, at most C{limit}
