@@ -6,6 +6,10 @@ L{Authenticator.authenticate} is what protocols call: it asks the L{AuthThrottle
 client may try at all, logs in through a C{twisted.cred} L{Portal} whose checker verifies the
 password against the directory (argon2id, in the I/O thread pool, never on the reactor thread),
 and delays the reply to a failure. The avatar is the account's address (L{IAccount}).
+
+SCRAM-SHA-256 (L{mailserver.sasl.ScramSHA256}) checks its proof itself, with the credentials
+L{Authenticator.scram_credentials} looks up; L{Authenticator.scram_login} then counts the
+outcome through the same throttle, with the same delays, errors and name rules as a password.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from zope.interface import Attribute, Interface, implementer
 from mailserver import log
 from mailserver.directory import DirectoryError, normalize_address
 from mailserver.limits import AuthThrottle
+from mailserver.sasl import ScramCredentials
 
 
 class Throttled(Exception):
@@ -42,6 +47,13 @@ class PasswordDirectory(Protocol):
 
     def verify_password(self, address: str, password: str | bytes) -> bool:
         """Blocking: whether C{password} is the password of account C{address}."""
+        ...
+
+    def scram_credentials(self, address: str) -> ScramCredentials:
+        """
+        A small read: the SCRAM-SHA-256 credentials of account C{address}, or a fake that is
+        always the same for that name when it has none (no such account).
+        """
         ...
 
 
@@ -166,6 +178,7 @@ class Authenticator:
         @param clock: the clock the failure delays wait on (default: C{reactor}).
         """
         self._clock = clock if clock is not None else IReactorTime(reactor)
+        self._directory = directory
         self._throttle = throttle
         self._primary_domain = primary_domain.strip().lower()
         self.portal = Portal(AccountRealm(), [DirectoryChecker(directory, reactor, pool)])
@@ -188,12 +201,9 @@ class Authenticator:
             log.auth_throttled(peer_host, username)
             raise Throttled()
         try:
-            try:
-                account = account_name(username, self._primary_domain)
-            except DirectoryError:
-                # Not an account; checked all the same (the directory spends a dummy hash on
-                # it), so that a bad name takes as long as a wrong password.
-                account = username.strip().lower()
+            # A bad name is checked all the same (the directory spends a dummy hash on it),
+            # so that it takes as long as a wrong password.
+            account = self._account(username)
             # surrogatepass never fails, and what it makes of a lone surrogate is not UTF-8,
             # so it can match no stored name or password.
             credentials = UsernamePassword(
@@ -226,3 +236,48 @@ class Authenticator:
         address: str = IAccount(avatar).address
         log.auth_succeeded(peer_host, address)
         return address
+
+    def _account(self, username: str) -> str:
+        """The account C{username} names (L{account_name}); for a name that cannot be one,
+        the name itself, folded, which matches no account."""
+        try:
+            return account_name(username, self._primary_domain)
+        except DirectoryError:
+            return username.strip().lower()
+
+    def scram_credentials(self, username: str) -> ScramCredentials:
+        """
+        The SCRAM-SHA-256 credentials of the account login name C{username} means (the rules
+        of L{account_name}): what L{mailserver.sasl.ScramSHA256} is given as its C{lookup}.
+        A name that is no account, or an account without SCRAM credentials, gets the
+        directory's fake, always the same for that name: no proof matches it, and nothing
+        tells it from a real one.
+        """
+        return self._directory.scram_credentials(self._account(username))
+
+    def scram_login(self, peer_host: str, username: str, proof_ok: bool) -> Deferred[str]:
+        """
+        Count a finished SCRAM-SHA-256 exchange of C{username} from C{peer_host}, whose proof
+        was right or wrong, as L{authenticate} counts a password.
+
+        @return: fires with the account address; fails at once with L{Throttled} when the
+            client has failed too often lately (whatever the proof: a throttled client learns
+            nothing), or with L{LoginFailed} for a wrong proof, after the throttle's delay.
+        """
+        return Deferred.fromCoroutine(self._scram_login(peer_host, username, proof_ok))
+
+    async def _scram_login(self, peer_host: str, username: str, proof_ok: bool) -> str:
+        attempt = self._throttle.attempt(peer_host)
+        if attempt is None:
+            log.auth_throttled(peer_host, username)
+            raise Throttled()
+        account = self._account(username)
+        if not proof_ok:
+            delay = attempt.failed(account)
+            log.auth_failed(peer_host, username)
+            if delay > 0:
+                await deferLater(self._clock, delay)
+            raise LoginFailed()
+        attempt.succeeded(account)
+        log.auth_succeeded(peer_host, account)
+        return account

@@ -9,10 +9,18 @@ the newest committed state and changes apply without a restart.
 
 Addresses are stored as C{local@domain}, both parts lower case (local parts are matched
 case-insensitively). A catch-all alias has the source C{@domain}.
+
+Passwords are kept as an argon2id hash (PLAIN and LOGIN logins) and, from schema 2 on, as
+SCRAM-SHA-256 credentials (salt, iteration count, StoredKey, ServerKey: never the password) in
+PostgreSQL's text form C{SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>}. Accounts
+made before schema 2 have none until their next password change: SCRAM fails for them, PLAIN
+works.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hmac
 import os
 import re
@@ -32,13 +40,14 @@ from argon2.exceptions import InvalidHashError, VerificationError
 from zope.interface import implementer
 
 from mailserver.interfaces import IDirectory
+from mailserver.sasl import SALT_SIZE, SCRAM_ITERATIONS, ScramCredentials, scram_credentials
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""The C{PRAGMA user_version} of the schema this module creates and reads."""
 _CACHE_SIZE = 10_000  # look-up results kept; the cache is emptied when full
 VERIFIED_TTL = 900.0
 """Seconds a successful password check is remembered (Dovecot's auth cache does the same)."""
 _V = TypeVar("_V")
-"""The C{PRAGMA user_version} of the schema this module creates and reads."""
 
 MAX_ALIAS_DEPTH = 10
 """How many aliases deep L{SQLiteDirectory.resolve} follows a chain before giving up."""
@@ -60,6 +69,27 @@ CREATE TABLE aliases (
     PRIMARY KEY (source, target)
 );
 """
+"""Schema 1, which every database starts from; L{_MIGRATIONS} take it to L{SCHEMA_VERSION}."""
+
+_SCHEMA_2 = """
+ALTER TABLE users ADD COLUMN scram TEXT;
+CREATE TABLE senders (
+    account TEXT NOT NULL,
+    address TEXT NOT NULL,
+    PRIMARY KEY (account, address)
+);
+CREATE TABLE meta (
+    name TEXT PRIMARY KEY NOT NULL,
+    value BLOB NOT NULL
+)
+"""
+"""Schema 1 to 2: SCRAM credentials of users, extra sender addresses, and a secret key."""
+
+_FAKE_KEY = "scram_fake_key"
+"""The C{meta} row holding the key of the fake SCRAM credentials of unknown users: kept in the
+database so that the fake answer for a name stays the same across restarts, as a real one
+does."""
+_SCRAM_PREFIX = "SCRAM-SHA-256$"
 
 _LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 
@@ -178,6 +208,51 @@ def _count(n: int, singular: str, plural: str) -> str:
     return f"{n} {singular}" if n == 1 else f"{n} {plural}"
 
 
+def _run_script(db: sqlite3.Connection, script: str) -> None:
+    """Run C{;}-separated statements in the open transaction (C{executescript} would COMMIT
+    it first)."""
+    for statement in script.split(";"):
+        if statement.strip():
+            db.execute(statement)
+
+
+def _migrate_1_to_2(db: sqlite3.Connection) -> None:
+    _run_script(db, _SCHEMA_2)
+    db.execute("INSERT INTO meta (name, value) VALUES (?, ?)", (_FAKE_KEY, secrets.token_bytes(32)))
+
+
+_MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _migrate_1_to_2}
+"""Version N to N+1, run in the transaction that sets C{user_version} to N+1."""
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _format_scram(credentials: ScramCredentials) -> str:
+    """PostgreSQL's form: C{SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>}."""
+    salt, iterations, stored_key, server_key = credentials
+    return f"{_SCRAM_PREFIX}{iterations}:{_b64(salt)}${_b64(stored_key)}:{_b64(server_key)}"
+
+
+def _parse_scram(text: str | None) -> ScramCredentials | None:
+    """The credentials in L{_format_scram}'s form; C{None} for none or an unreadable value."""
+    if text is None or not text.startswith(_SCRAM_PREFIX):
+        return None
+    try:
+        head, keys = text[len(_SCRAM_PREFIX) :].split("$")
+        iterations, salt = head.split(":")
+        stored_key, server_key = keys.split(":")
+        return ScramCredentials(
+            base64.b64decode(salt, validate=True),
+            int(iterations),
+            base64.b64decode(stored_key, validate=True),
+            base64.b64decode(server_key, validate=True),
+        )
+    except (ValueError, binascii.Error):
+        return None
+
+
 @implementer(IDirectory)
 class SQLiteDirectory:
     """
@@ -218,6 +293,7 @@ class SQLiteDirectory:
         self._data_version = -1
         self._verified: dict[bytes, float] = {}  # keyed digest -> monotonic expiry
         self._verified_key = secrets.token_bytes(32)
+        self._fake_key = b""  # read from the database by _migrate
         self._db = self._connect(path)
         try:
             self._migrate()
@@ -254,24 +330,27 @@ class SQLiteDirectory:
 
     def _migrate(self) -> None:
         """
-        Create the schema in a new database; refuse one made by a newer version.
+        Create the schema in a new database, upgrade an older one (in one transaction);
+        refuse one made by a newer version. Then read the fake-credentials key.
 
         @raise DirectoryError: the schema version is unknown.
         """
         with self._transaction(write=True) as db:
             (version,) = db.execute("PRAGMA user_version").fetchone()
-            if version == SCHEMA_VERSION:
-                return
-            if version != 0:
+            if not 0 <= version <= SCHEMA_VERSION:
                 raise DirectoryError(
                     f"{self.path}: schema version {version} is not supported "
                     f"(this version knows {SCHEMA_VERSION})"
                 )
-            # executescript would COMMIT our transaction first: run statement by statement.
-            for statement in _SCHEMA.split(";"):
-                if statement.strip():
-                    db.execute(statement)
-            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            if version == 0:
+                _run_script(db, _SCHEMA)
+                version = 1
+            while version < SCHEMA_VERSION:
+                _MIGRATIONS[version](db)
+                version += 1
+                db.execute(f"PRAGMA user_version = {version}")
+            row = db.execute("SELECT value FROM meta WHERE name = ?", (_FAKE_KEY,)).fetchone()
+        self._fake_key = bytes(row[0])
 
     @contextmanager
     def _transaction(self, write: bool = False) -> Iterator[sqlite3.Connection]:
@@ -393,17 +472,27 @@ class SQLiteDirectory:
         with self._transaction() as db:
             self._check_new_user(db, user)
         # Hashed outside any transaction: it takes a while and must not hold the lock.
-        password_hash = self._hasher.hash(password)
+        password_hash, scram = self._secrets(password)
         with self._transaction(write=True) as db:
             self._check_new_user(db, user)
-            db.execute(
-                "INSERT INTO users (address, domain, password_hash, created) VALUES (?, ?, ?, ?)",
-                (user, _domain_of(user), password_hash, _now()),
-            )
+            self._insert_user(db, user, password_hash, scram)
+
+    def _secrets(self, password: str) -> tuple[str, str]:
+        """The argon2id hash and the SCRAM-SHA-256 credentials (text form) of C{password}."""
+        return self._hasher.hash(password), _format_scram(scram_credentials(password))
+
+    @staticmethod
+    def _insert_user(db: sqlite3.Connection, user: str, password_hash: str, scram: str) -> None:
+        db.execute(
+            "INSERT INTO users (address, domain, password_hash, scram, created) "
+            "VALUES (?, ?, ?, ?, ?)",
+            (user, _domain_of(user), password_hash, scram, _now()),
+        )
 
     def remove_user(self, address: str) -> None:
         """
-        Delete an account. Aliases pointing at it stay (they then reach nobody).
+        Delete an account, and its extra sender addresses. Aliases pointing at it stay (they
+        then reach nobody).
 
         @raise DirectoryError: no such user.
         """
@@ -411,21 +500,23 @@ class SQLiteDirectory:
         with self._transaction(write=True) as db:
             self._require_user(db, user)
             db.execute("DELETE FROM users WHERE address = ?", (user,))
+            db.execute("DELETE FROM senders WHERE account = ?", (user,))
 
     def set_password(self, address: str, password: str) -> None:
         """
-        Replace an account's password.
+        Replace an account's password (its argon2id hash and its SCRAM credentials).
 
         @raise DirectoryError: no such user.
         """
         user = normalize_address(address)
         with self._transaction() as db:
             self._require_user(db, user)
-        password_hash = self._hasher.hash(password)
+        password_hash, scram = self._secrets(password)
         with self._transaction(write=True) as db:
             self._require_user(db, user)
             db.execute(
-                "UPDATE users SET password_hash = ? WHERE address = ?", (password_hash, user)
+                "UPDATE users SET password_hash = ?, scram = ? WHERE address = ?",
+                (password_hash, scram, user),
             )
 
     def user_exists(self, address: str) -> bool:
@@ -514,6 +605,123 @@ class SQLiteDirectory:
                 self._verified[remembered] = time.monotonic() + VERIFIED_TTL
         return ok
 
+    def scram_credentials(self, address: str) -> ScramCredentials:
+        """
+        The SCRAM-SHA-256 credentials of account C{address}.
+
+        For an unknown user, a bad address, or an account that has none yet (made before
+        schema 2, until its next password change), a fake: derived from C{address} with a
+        secret key kept in the database, so it is the same at every ask and across restarts,
+        like a real one, and SCRAM does not reveal who exists. No proof can match it.
+        """
+        try:
+            user = normalize_address(address)
+        except DirectoryError:
+            user = address.strip().lower()
+        else:
+            with self._transaction() as db:
+                row = db.execute("SELECT scram FROM users WHERE address = ?", (user,)).fetchone()
+            found = _parse_scram(None if row is None else row[0])
+            if found is not None:
+                return found
+        return self._fake_scram(user)
+
+    def _fake_scram(self, name: str) -> ScramCredentials:
+        encoded = name.encode("utf-8", "surrogatepass")
+
+        def part(label: bytes) -> bytes:
+            return hmac.digest(self._fake_key, label + b"\0" + encoded, "sha256")
+
+        return ScramCredentials(
+            part(b"salt")[:SALT_SIZE], SCRAM_ITERATIONS, part(b"stored"), part(b"server")
+        )
+
+    # -- sender addresses ------------------------------------------------------------------
+
+    def add_sender(self, account: str, address: str) -> None:
+        """
+        Let C{account} send mail as C{address} too (submission's MAIL FROM), beyond its own
+        address and the aliases that reach it.
+
+        @param address: an address (any domain), or C{@domain} for every address of a domain.
+        @raise DirectoryError: bad addresses, no such user, or the entry exists.
+        """
+        user = normalize_address(account)
+        sender = normalize_alias_source(address)
+        with self._transaction(write=True) as db:
+            self._require_user(db, user)
+            row = db.execute(
+                "SELECT 1 FROM senders WHERE account = ? AND address = ?", (user, sender)
+            ).fetchone()
+            if row is not None:
+                raise DirectoryError(f"{user} may already send as {sender}")
+            db.execute("INSERT INTO senders (account, address) VALUES (?, ?)", (user, sender))
+
+    def remove_sender(self, account: str, address: str) -> None:
+        """
+        Undo L{add_sender}.
+
+        @raise DirectoryError: bad addresses or no such entry.
+        """
+        user = normalize_address(account)
+        sender = normalize_alias_source(address)
+        with self._transaction(write=True) as db:
+            cursor = db.execute(
+                "DELETE FROM senders WHERE account = ? AND address = ?", (user, sender)
+            )
+            if cursor.rowcount == 0:
+                raise DirectoryError(f"{user} has no sender address {sender}")
+
+    def list_senders(self, account: str | None = None) -> list[tuple[str, str]]:
+        """
+        @param account: only this account's entries; C{None} for all.
+        @return: C{(account, address)} pairs from L{add_sender}, sorted.
+        @raise DirectoryError: C{account} is not an address.
+        """
+        with self._transaction() as db:
+            if account is None:
+                rows = db.execute("SELECT account, address FROM senders ORDER BY account, address")
+            else:
+                rows = db.execute(
+                    "SELECT account, address FROM senders WHERE account = ? ORDER BY address",
+                    (normalize_address(account),),
+                )
+            return [(str(user), str(sender)) for user, sender in rows.fetchall()]
+
+    def may_send_as(self, account: str, address: str) -> bool:
+        """
+        Whether account C{account} may use C{address} as its envelope sender: its own address;
+        an address whose mail reaches it (an alias with it among its targets, a
+        C{local+detail} form of one of these, an address its catch-all alias covers); or an
+        address granted by L{add_sender} (or its C{+detail} form, or any at a granted
+        C{@domain}). Never the null sender, never a name that is no account.
+        """
+        try:
+            user = normalize_address(account)
+            sender = normalize_address(address)
+        except DirectoryError:
+            return False
+        return self._cached(
+            ("send-as", f"{user}\n{sender}"), lambda db: self._may_send_as(db, user, sender)
+        )
+
+    def _may_send_as(self, db: sqlite3.Connection, user: str, sender: str) -> bool:
+        if not self._has_user(db, user):
+            return False
+        if sender == user or user in self._resolve(db, sender):
+            return True
+        local, domain = _local_of(sender), _domain_of(sender)
+        candidates = [sender, "@" + domain]
+        base = local.partition("+")[0]
+        if base and base != local:
+            candidates.append(f"{base}@{domain}")
+        marks = ",".join("?" * len(candidates))
+        row = db.execute(
+            f"SELECT 1 FROM senders WHERE account = ? AND address IN ({marks})",  # noqa: S608
+            (user, *candidates),
+        ).fetchone()
+        return row is not None
+
     # -- aliases ---------------------------------------------------------------------------
 
     def add_alias(self, source: str, target: str) -> None:
@@ -581,16 +789,13 @@ class SQLiteDirectory:
             if db.execute("SELECT 1 FROM domains LIMIT 1").fetchone() is not None:
                 return None
         password = secrets.token_urlsafe(18)
-        password_hash = self._hasher.hash(password)
+        password_hash, scram = self._secrets(password)
         with self._transaction(write=True) as db:
             # Checked again: another process may have added a domain meanwhile.
             if db.execute("SELECT 1 FROM domains LIMIT 1").fetchone() is not None:
                 return None
             db.execute("INSERT INTO domains (name) VALUES (?)", (name,))
-            db.execute(
-                "INSERT INTO users (address, domain, password_hash, created) VALUES (?, ?, ?, ?)",
-                (f"postmaster@{name}", name, password_hash, _now()),
-            )
+            self._insert_user(db, f"postmaster@{name}", password_hash, scram)
         return password
 
     # -- IDirectory ------------------------------------------------------------------------

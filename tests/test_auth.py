@@ -35,6 +35,8 @@ from mailserver.auth import (
 )
 from mailserver.directory import DirectoryError, SQLiteDirectory
 from mailserver.limits import AuthThrottle
+from mailserver.sasl import ScramCredentials, ScramSHA256, Success
+from tests.test_sasl import client_final
 
 PASSWORD = "correct horse battery staple"
 WRONG = "wrong-password-1234"
@@ -55,6 +57,10 @@ class RecordingDirectory:
         if self.error is not None:
             raise self.error
         return self.directory.verify_password(address, password)
+
+    def scram_credentials(self, address: str) -> ScramCredentials:
+        self.checks.append((address, threading.current_thread().name))
+        return self.directory.scram_credentials(address)
 
 
 class AccountNameTests(SynchronousTestCase):
@@ -109,8 +115,8 @@ class CredTests(SynchronousTestCase):
         )
 
 
-class AuthenticatorTests(TestCase):
-    """L{Authenticator.authenticate} against a real directory and thread pool."""
+class AuthTestCase(TestCase):
+    """An L{Authenticator} on a real directory and thread pool, delays on a L{Clock}."""
 
     def setUp(self) -> None:
         root = Path(self.mktemp())
@@ -175,6 +181,10 @@ class AuthenticatorTests(TestCase):
         self.assertFalse(d.called)
         self.clock.advance(0.01)
         self.failureResultOf(d, LoginFailed)
+
+
+class AuthenticatorTests(AuthTestCase):
+    """L{Authenticator.authenticate} against a real directory and thread pool."""
 
     async def test_right_password(self) -> None:
         """The right password fires with the account address, checked in the pool's thread."""
@@ -365,6 +375,97 @@ class AuthenticatorTests(TestCase):
         self.assertNotIn("\n", event["username"])
         self.assertNotIn("\r", event["username"])
         self.assertIn("203.0.113.66", event["username"])
+
+
+class ScramTests(AuthTestCase):
+    """The SCRAM-SHA-256 path: credentials by login name, outcomes through the throttle."""
+
+    def scram_exchange(self, username: str, password: str) -> bool:
+        """A SCRAM exchange with the authenticator's look-up: whether the proof was right."""
+        scram = ScramSHA256(self.auth.scram_credentials)
+        bare = f"n={username},r=nonce"
+        challenge = scram.respond(f"n,,{bare}".encode())
+        final, _ = client_final(password, bare, challenge.data.decode())  # type: ignore[union-attr]
+        return isinstance(scram.respond(final), Success)
+
+    async def scram_fail(self, host: str, username: str, delay: float | None = DELAY) -> None:
+        """A wrong proof must fail with L{LoginFailed} C{delay} seconds later (None: any)."""
+        d = self.auth.scram_login(host, username, False)
+        self.assertFalse(d.called, "a failed login must not be answered before its delay")
+        [call] = self.clock.getDelayedCalls()
+        waited = call.getTime() - self.clock.seconds()
+        if delay is not None:
+            self.assertAlmostEqual(waited, delay)
+        self.clock.advance(waited)
+        self.failureResultOf(d, LoginFailed)
+
+    def test_credentials_by_login_name(self) -> None:
+        """Names follow L{account_name}: any case, a bare name in the primary domain; the
+        look-up is a small read on the calling thread."""
+        real = self.directory.directory.scram_credentials("alice@example.org")
+        self.assertEqual(self.auth.scram_credentials("Alice@Example.ORG"), real)
+        self.assertEqual(self.auth.scram_credentials("alice"), real)
+        self.assertEqual(self.directory.checks[0][1], threading.current_thread().name)
+        self.assertTrue(self.scram_exchange("alice", PASSWORD))
+        self.assertFalse(self.scram_exchange("alice", WRONG))
+
+    def test_unknown_and_bad_names_get_stable_fakes(self) -> None:
+        for name in ("nobody@example.org", "a b@@example.org"):
+            fake = self.auth.scram_credentials(name)
+            self.assertEqual(self.auth.scram_credentials(name), fake)
+            self.assertFalse(self.scram_exchange(name, PASSWORD))
+
+    def test_success(self) -> None:
+        """A right proof fires at once with the account, named as the directory names it."""
+        with capturedLogs() as events:
+            d = self.auth.scram_login("192.0.2.1", "Alice", True)
+        self.assertEqual(self.successResultOf(d), "alice@example.org")
+        self.assertEqual(
+            [(e["event"], e["account"]) for e in events if e.get("event") == "auth.succeeded"],
+            [("auth.succeeded", "alice@example.org")],
+        )
+
+    async def test_wrong_proofs_throttled(self) -> None:
+        """
+        Wrong proofs are failures with the password's delay; after C{MAX_FAILURES} the
+        client gets L{Throttled} at once even with a right proof; another address gets in.
+        """
+        for _ in range(MAX_FAILURES):
+            await self.scram_fail("192.0.2.1", "alice@example.org")
+        self.failureResultOf(self.auth.scram_login("192.0.2.1", "alice", True), Throttled)
+        self.assertEqual(
+            self.successResultOf(self.auth.scram_login("198.51.100.7", "alice", True)),
+            "alice@example.org",
+        )
+
+    async def test_one_throttle_for_passwords_and_scram(self) -> None:
+        """Failed SCRAM proofs and wrong passwords count together."""
+        await self.scram_fail("192.0.2.1", "alice@example.org")
+        for _ in range(MAX_FAILURES - 1):
+            await self.fail_login("192.0.2.1", "alice@example.org", WRONG)
+        self.failureResultOf(
+            self.auth.authenticate("192.0.2.1", "alice@example.org", PASSWORD), Throttled
+        )
+        self.failureResultOf(self.auth.scram_login("192.0.2.1", "alice", True), Throttled)
+
+    async def test_success_forgives_own_failures(self) -> None:
+        """As with passwords, a success forgives this client's failures on that account."""
+        for _ in range(MAX_FAILURES - 1):
+            await self.scram_fail("192.0.2.1", "alice")
+        self.successResultOf(self.auth.scram_login("192.0.2.1", "alice", True))
+        for _ in range(MAX_FAILURES - 1):
+            await self.scram_fail("192.0.2.1", "alice", None)
+        self.successResultOf(self.auth.scram_login("192.0.2.1", "alice", True))
+
+    async def test_attacked_account_delays_grow(self) -> None:
+        """Failures of one account from many addresses make its delay grow (capped)."""
+        for i in range(MAX_FAILURES):
+            await self.scram_fail(f"203.0.113.{i}", "alice")
+        d = self.auth.scram_login("203.0.113.99", "alice", False)
+        [call] = self.clock.getDelayedCalls()
+        self.assertAlmostEqual(call.getTime() - self.clock.seconds(), DELAY * 2)
+        self.clock.advance(DELAY * 2)
+        self.failureResultOf(d, LoginFailed)
 
 
 class SlowDirectory:

@@ -23,6 +23,8 @@ from mailserver.directory import (
     open_directory,
 )
 from mailserver.interfaces import IDirectory
+from mailserver.sasl import SCRAM_ITERATIONS, ScramSHA256, Success, scram_credentials
+from tests.test_sasl import client_final
 
 
 def cheap_hasher() -> PasswordHasher:
@@ -809,3 +811,293 @@ class PermissionTests(SynchronousTestCase):
         os.chmod(file, 0o640)
         SQLiteDirectory(file, hasher=cheap_hasher()).close()
         self.assertEqual(stat.S_IMODE(file.stat().st_mode), 0o640)
+
+
+SCHEMA_1 = """
+CREATE TABLE domains (name TEXT PRIMARY KEY NOT NULL);
+CREATE TABLE users (
+    address TEXT PRIMARY KEY NOT NULL,
+    domain TEXT NOT NULL REFERENCES domains(name),
+    password_hash TEXT NOT NULL,
+    created TEXT NOT NULL
+);
+CREATE INDEX users_domain ON users(domain);
+CREATE TABLE aliases (source TEXT NOT NULL, target TEXT NOT NULL, PRIMARY KEY (source, target));
+PRAGMA user_version = 1;
+"""
+"""The schema of the first release, as it was."""
+
+
+def scram_login(directory: SQLiteDirectory, username: str, password: str) -> bool:
+    """A whole SCRAM-SHA-256 exchange with the directory's credentials: whether it succeeds."""
+    scram = ScramSHA256(directory.scram_credentials)
+    bare = f"n={username},r=clientnonce"
+    challenge = scram.respond(f"n,,{bare}".encode())
+    final, verifier = client_final(password, bare, challenge.data.decode())  # type: ignore[union-attr]
+    step = scram.respond(final)
+    if isinstance(step, Success):
+        assert step.data == verifier
+        return True
+    return False
+
+
+class ScramCredentialTests(DirectoryTestCase):
+    """SCRAM-SHA-256 credentials: stored with every password, never the password."""
+
+    def test_add_user_stores_credentials(self) -> None:
+        """A new account's credentials: 16-octet salt, 4096 iterations, keys of its password."""
+        directory = self.populated()
+        salt, iterations, stored_key, server_key = directory.scram_credentials("alice@example.org")
+        self.assertEqual(len(salt), 16)
+        self.assertEqual(iterations, SCRAM_ITERATIONS)
+        self.assertEqual(
+            scram_credentials("alice-password", salt, iterations),
+            (salt, iterations, stored_key, server_key),
+        )
+        self.assertTrue(scram_login(directory, "alice@example.org", "alice-password"))
+        self.assertFalse(scram_login(directory, "alice@example.org", "wrong"))
+
+    def test_stored_form(self) -> None:
+        """PostgreSQL's text form in the C{scram} column; no password in any file."""
+        directory = self.populated()
+        (stored,) = directory._db.execute("SELECT scram FROM users").fetchone()
+        self.assertTrue(stored.startswith("SCRAM-SHA-256$4096:"), stored)
+        self.assertNotIn("alice-password", stored)
+        for file in directory.path.parent.iterdir():
+            self.assertNotIn(b"alice-password", file.read_bytes())
+
+    def test_case_of_address(self) -> None:
+        directory = self.populated()
+        self.assertEqual(
+            directory.scram_credentials("Alice@EXAMPLE.org"),
+            directory.scram_credentials("alice@example.org"),
+        )
+
+    def test_set_password_replaces_credentials(self) -> None:
+        directory = self.populated()
+        before = directory.scram_credentials("alice@example.org")
+        directory.set_password("alice@example.org", "new-password")
+        after = directory.scram_credentials("alice@example.org")
+        self.assertNotEqual(before.salt, after.salt)
+        self.assertFalse(scram_login(directory, "alice@example.org", "alice-password"))
+        self.assertTrue(scram_login(directory, "alice@example.org", "new-password"))
+
+    def test_bootstrap_stores_credentials(self) -> None:
+        directory = self.open()
+        password = directory.bootstrap("example.org")
+        assert password is not None
+        self.assertTrue(scram_login(directory, "postmaster@example.org", password))
+
+    def test_unknown_user_gets_a_stable_fake(self) -> None:
+        """
+        An unknown user gets credentials that look like real ones and stay the same, also in
+        another instance (the CLI, or the server after a restart); another name gets others.
+        """
+        directory = self.populated()
+        fake = directory.scram_credentials("nobody@example.org")
+        self.assertEqual(len(fake.salt), 16)
+        self.assertEqual(fake.iterations, SCRAM_ITERATIONS)
+        self.assertEqual(directory.scram_credentials("nobody@example.org"), fake)
+        self.assertNotEqual(directory.scram_credentials("other@example.org").salt, fake.salt)
+        directory.close()
+        again = self.open(directory.path)
+        self.assertEqual(again.scram_credentials("nobody@example.org"), fake)
+        self.assertFalse(scram_login(again, "nobody@example.org", "alice-password"))
+
+    def test_bad_address_gets_a_fake(self) -> None:
+        directory = self.populated()
+        fake = directory.scram_credentials("not an address")
+        self.assertEqual(directory.scram_credentials("not an address"), fake)
+
+    def test_fake_key_differs_between_databases(self) -> None:
+        """The fakes come from a key of each database: nobody can compute them."""
+        one = self.populated()
+        two = self.populated()
+        self.assertNotEqual(
+            one.scram_credentials("nobody@example.org"),
+            two.scram_credentials("nobody@example.org"),
+        )
+
+    def test_unreadable_credentials_give_the_fake(self) -> None:
+        directory = self.populated()
+        fake = directory.scram_credentials("nobody@example.org")
+        with directory._transaction(write=True) as db:
+            db.execute("UPDATE users SET scram = 'SCRAM-SHA-256$x'")
+        credentials = directory.scram_credentials("alice@example.org")
+        self.assertEqual(credentials.iterations, SCRAM_ITERATIONS)
+        self.assertNotEqual(credentials, fake)
+        self.assertFalse(scram_login(directory, "alice@example.org", "alice-password"))
+
+
+class MigrationTests(DirectoryTestCase):
+    """A database of schema 1 is upgraded in place."""
+
+    def old_database(self) -> Path:
+        path = Path(self.mktemp())
+        path.mkdir()
+        file = path / "directory.sqlite"
+        hashed = cheap_hasher().hash("old-password")
+        db = sqlite3.connect(file)
+        db.executescript(SCHEMA_1)
+        with db:
+            db.execute("INSERT INTO domains VALUES ('example.org')")
+            db.execute(
+                "INSERT INTO users VALUES ('alice@example.org', 'example.org', ?, 'then')",
+                (hashed,),
+            )
+            db.execute("INSERT INTO aliases VALUES ('sales@example.org', 'alice@example.org')")
+        db.close()
+        return file
+
+    def test_upgrade(self) -> None:
+        """
+        Everything is kept, the version is now 2; the old account still logs in with PLAIN,
+        but has no SCRAM credentials (a fake, like an unknown user's) until its password
+        changes.
+        """
+        directory = self.open(self.old_database())
+        (version,) = directory._db.execute("PRAGMA user_version").fetchone()
+        self.assertEqual(version, SCHEMA_VERSION)
+        self.assertEqual(SCHEMA_VERSION, 2)
+        self.assertEqual(directory.list_users(), ["alice@example.org"])
+        self.assertEqual(directory.resolve("sales@example.org"), ["alice@example.org"])
+        self.assertTrue(directory.verify_password("alice@example.org", "old-password"))
+        self.assertFalse(scram_login(directory, "alice@example.org", "old-password"))
+        fake = directory.scram_credentials("alice@example.org")
+        self.assertEqual(directory.scram_credentials("alice@example.org"), fake)
+        directory.set_password("alice@example.org", "new-password")
+        self.assertTrue(scram_login(directory, "alice@example.org", "new-password"))
+        self.assertEqual(directory.list_senders(), [])
+
+    def test_upgrade_once(self) -> None:
+        """Reopening the upgraded database changes nothing (the fake key is kept)."""
+        file = self.old_database()
+        first = self.open(file)
+        fake = first.scram_credentials("nobody@example.org")
+        first.close()
+        second = self.open(file)
+        self.assertEqual(second.scram_credentials("nobody@example.org"), fake)
+
+
+class SenderTests(DirectoryTestCase):
+    """Extra sender addresses: add, remove, list."""
+
+    def test_add_list_remove(self) -> None:
+        directory = self.populated()
+        directory.add_user("bob@example.org", "pw")
+        directory.add_sender("Alice@example.org", "Boss@Example.org")
+        directory.add_sender("alice@example.org", "@Partner.example")
+        directory.add_sender("bob@example.org", "bob@elsewhere.example")
+        self.assertEqual(
+            directory.list_senders(),
+            [
+                ("alice@example.org", "@partner.example"),
+                ("alice@example.org", "boss@example.org"),
+                ("bob@example.org", "bob@elsewhere.example"),
+            ],
+        )
+        self.assertEqual(
+            directory.list_senders("BOB@example.org"),
+            [("bob@example.org", "bob@elsewhere.example")],
+        )
+        directory.remove_sender("alice@example.org", "boss@example.org")
+        self.assertEqual(
+            directory.list_senders("alice@example.org"),
+            [("alice@example.org", "@partner.example")],
+        )
+
+    def test_refusals(self) -> None:
+        directory = self.populated()
+        directory.add_sender("alice@example.org", "boss@example.org")
+        e = self.assertRaises(
+            DirectoryError, directory.add_sender, "alice@example.org", "boss@example.org"
+        )
+        self.assertIn("already", str(e))
+        self.assertRaises(DirectoryError, directory.add_sender, "bob@example.org", "x@example.org")
+        self.assertRaises(DirectoryError, directory.add_sender, "alice@example.org", "not valid")
+        self.assertRaises(
+            DirectoryError, directory.remove_sender, "alice@example.org", "x@example.org"
+        )
+
+    def test_removed_with_the_user(self) -> None:
+        directory = self.populated()
+        directory.add_sender("alice@example.org", "boss@example.org")
+        directory.remove_user("alice@example.org")
+        self.assertEqual(directory.list_senders(), [])
+
+
+class MaySendAsTests(DirectoryTestCase):
+    """L{SQLiteDirectory.may_send_as}."""
+
+    def setUp(self) -> None:
+        self.directory = self.populated()
+        d = self.directory
+        d.add_domain("example.net")
+        d.add_user("bob@example.org", "pw")
+        d.add_alias("sales@example.org", "alice@example.org")
+        d.add_alias("sales@example.org", "bob@example.org")
+        d.add_alias("info@example.org", "sales@example.org")
+        d.add_alias("@example.net", "alice@example.org")
+        d.add_user("carol@example.net", "pw")
+
+    def test_own_address(self) -> None:
+        self.assertTrue(self.directory.may_send_as("alice@example.org", "alice@example.org"))
+        self.assertTrue(self.directory.may_send_as("alice@example.org", "ALICE@Example.ORG"))
+
+    def test_plus_address(self) -> None:
+        self.assertTrue(self.directory.may_send_as("alice@example.org", "alice+lists@example.org"))
+        self.assertFalse(self.directory.may_send_as("bob@example.org", "alice+bob@example.org"))
+
+    def test_alias(self) -> None:
+        """Every target of an alias may send as it, also through a chain of aliases."""
+        for account in ("alice@example.org", "bob@example.org"):
+            self.assertTrue(self.directory.may_send_as(account, "sales@example.org"))
+            self.assertTrue(self.directory.may_send_as(account, "info@example.org"))
+            self.assertTrue(self.directory.may_send_as(account, "sales+x@example.org"))
+
+    def test_catch_all(self) -> None:
+        """
+        The catch-all's target may send as any address it covers, not as an account of
+        that domain (mail to it does not reach the catch-all).
+        """
+        self.assertTrue(self.directory.may_send_as("alice@example.org", "anything@example.net"))
+        self.assertFalse(self.directory.may_send_as("bob@example.org", "anything@example.net"))
+        self.assertFalse(self.directory.may_send_as("alice@example.org", "carol@example.net"))
+
+    def test_extra_senders(self) -> None:
+        d = self.directory
+        self.assertFalse(d.may_send_as("bob@example.org", "boss@example.org"))
+        d.add_sender("bob@example.org", "boss@example.org")
+        d.add_sender("bob@example.org", "@partner.example")
+        d.add_sender("bob@example.org", "bob@gmail.example")
+        self.assertTrue(d.may_send_as("bob@example.org", "Boss@example.org"))
+        self.assertTrue(d.may_send_as("bob@example.org", "boss+x@example.org"))
+        self.assertTrue(d.may_send_as("bob@example.org", "anyone@partner.example"))
+        self.assertTrue(d.may_send_as("bob@example.org", "bob@gmail.example"))
+        self.assertFalse(d.may_send_as("bob@example.org", "anyone@sub.partner.example"))
+        self.assertFalse(d.may_send_as("alice@example.org", "boss@example.org"))
+        d.remove_sender("bob@example.org", "boss@example.org")
+        self.assertFalse(d.may_send_as("bob@example.org", "boss@example.org"))
+
+    def test_other_users_address_refused(self) -> None:
+        d = self.directory
+        self.assertFalse(d.may_send_as("bob@example.org", "alice@example.org"))
+        self.assertFalse(d.may_send_as("alice@example.org", "bob@example.org"))
+        self.assertFalse(d.may_send_as("alice@example.org", "nobody@example.org"))
+        self.assertFalse(d.may_send_as("alice@example.org", "alice@remote.example"))
+
+    def test_no_null_sender_and_no_bad_names(self) -> None:
+        d = self.directory
+        self.assertFalse(d.may_send_as("alice@example.org", ""))
+        self.assertFalse(d.may_send_as("alice@example.org", "not an address"))
+        self.assertFalse(d.may_send_as("nobody@example.org", "nobody@example.org"))
+        self.assertFalse(d.may_send_as("", "alice@example.org"))
+
+    def test_changes_seen_at_once(self) -> None:
+        """A change made by another connection (the CLI) applies to the next check."""
+        d = self.directory
+        self.assertFalse(d.may_send_as("bob@example.org", "boss@example.org"))
+        other = SQLiteDirectory(d.path, "example.org", hasher=cheap_hasher())
+        other.add_sender("bob@example.org", "boss@example.org")
+        other.close()
+        self.assertTrue(d.may_send_as("bob@example.org", "boss@example.org"))

@@ -10,12 +10,18 @@ from twisted.trial.unittest import SynchronousTestCase
 from mailserver.smtp.address import (
     MAX_LOCAL_PART,
     Path,
+    parse_envid,
     parse_mailbox,
+    parse_notify,
+    parse_orcpt,
     parse_params,
     parse_path_argument,
+    parse_ret,
     require_ascii,
     split_address,
     unknown_parameter,
+    xtext_decode,
+    xtext_encode,
 )
 from mailserver.smtp.codes import Reply
 
@@ -336,3 +342,78 @@ class RequireAsciiTests(_ReplyAssertions):
         reply = unknown_parameter("FOO")
         self.assertReply(reply, 555, "5.5.4")
         self.assertIn(b"FOO", reply.line())
+
+
+class XtextTests(SynchronousTestCase):
+    """RFC 3461 §4 xtext."""
+
+    def test_decode(self) -> None:
+        self.assertEqual(xtext_decode(""), "")
+        self.assertEqual(xtext_decode("plain!~"), "plain!~")
+        self.assertEqual(xtext_decode("a+2Bb+3Dc+20d"), "a+b=c d")
+        self.assertEqual(xtext_decode("+2b"), "+")
+
+    def test_decode_refuses(self) -> None:
+        """A lone C{+}, a bad hex pair, a raw C{=}, a space, a control or non-ASCII character."""
+        for bad in ("a+", "a+2", "a+ZZ", "a=b", "a b", "a\x01", "\u00e9"):
+            self.assertRaises(ValueError, xtext_decode, bad)
+
+    def test_round_trip(self) -> None:
+        text = "id+1=2 <x@y>"
+        self.assertEqual(xtext_encode(text), "id+2B1+3D2+20<x@y>")
+        self.assertEqual(xtext_decode(xtext_encode(text)), text)
+
+
+class DSNParameterTests(_ReplyAssertions):
+    """RET, ENVID, NOTIFY and ORCPT values; every refusal is 501 5.5.4."""
+
+    def refused(self, parse: object, value: str | None) -> None:
+        e = self.assertRaises(Reply, parse, value)
+        self.assertReply(e, 501, "5.5.4")
+
+    def test_ret(self) -> None:
+        self.assertEqual(parse_ret("full"), "FULL")
+        self.assertEqual(parse_ret("HDRS"), "HDRS")
+        for bad in (None, "", "ALL"):
+            self.refused(parse_ret, bad)
+
+    def test_envid(self) -> None:
+        self.assertEqual(parse_envid("abc+2Bdef"), "abc+def")
+        self.assertEqual(parse_envid("x" * 100), "x" * 100)
+        for bad in (None, "", "x" * 101, "a+ZZ", "a+0D+0Ab"):
+            self.refused(parse_envid, bad)
+
+    def test_notify(self) -> None:
+        self.assertEqual(parse_notify("NEVER"), frozenset({"NEVER"}))
+        self.assertEqual(
+            parse_notify("success,Failure,DELAY"), frozenset({"SUCCESS", "FAILURE", "DELAY"})
+        )
+        self.assertEqual(parse_notify("DELAY"), frozenset({"DELAY"}))
+        for bad in (None, "", "NEVER,SUCCESS", "SUCCESS,", "ALWAYS", "SUCCESS;FAILURE"):
+            self.refused(parse_notify, bad)
+
+    def test_orcpt(self) -> None:
+        """Type folded to lower case, address decoded from xtext."""
+        self.assertEqual(parse_orcpt("rfc822;bob@example.org"), "rfc822;bob@example.org")
+        self.assertEqual(parse_orcpt("RFC822;b+2Bx@example.org"), "rfc822;b+x@example.org")
+        self.assertEqual(parse_orcpt("rfc822;a+20b@x"), "rfc822;a b@x")
+
+    def test_orcpt_utf8_kept_as_sent(self) -> None:
+        """RFC 6533's utf-8 type is kept in its own encoding, not read as xtext."""
+        self.assertEqual(
+            parse_orcpt("utf-8;j\\x{00F6}rg@example.org"), "utf-8;j\\x{00F6}rg@example.org"
+        )
+
+    def test_orcpt_refused(self) -> None:
+        for bad in (
+            None,
+            "",
+            "bob@example.org",
+            "rfc822;",
+            ";bob@example.org",
+            "rfc 822;bob@example.org",
+            "rfc822;b+ZZ@example.org",
+            "rfc822;b+0A@example.org",
+            "rfc822;" + "x" * 500,
+        ):
+            self.refused(parse_orcpt, bad)

@@ -9,6 +9,7 @@ pieces (fixed seed): the output and the stored messages must not change.
 
 from __future__ import annotations
 
+import base64
 import gc
 import itertools
 import random
@@ -17,7 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IReactorTime, ITLSTransport
 from twisted.internet.task import Clock
@@ -27,14 +28,19 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
+from mailserver.auth import LoginFailed, Throttled
 from mailserver.delivery import LocalDeliveryAgent
-from mailserver.interfaces import IDirectory, IMailStore
+from mailserver.interfaces import IDelivery, IDeliveryAgent, IDirectory, IMailStore
 from mailserver.limits import ConnectionLimiter
+from mailserver.policy.relay import RcptVerdict, check_inbound_rcpt, check_submission_rcpt
+from mailserver.queue.model import MailOptions, Notify
+from mailserver.sasl import ScramCredentials, scram_credentials
 from mailserver.smtp import server as smtp_server
 from mailserver.smtp.received import received_header
 from mailserver.smtp.server import SessionTracker, SMTPFactory, SMTPServer, SMTPSettings
 from mailserver.store.body import MessageBody
 from mailserver.store.memory import MemoryStore
+from tests.test_sasl import client_final
 
 HOST = "mx.example.org"
 PEER_IP = "192.0.2.10"
@@ -1755,3 +1761,613 @@ class DrainTests(ServerTestCase):
         client.take()
         client.send(b"NOOP\r\n")
         self.assertEqual(client.take(), b"")
+
+
+# --- submission (RFC 6409, RFC 4954 AUTH, RFC 3461 DSN) -------------------------------------
+
+ALICE_PASSWORD = "alice-password"
+REMOTE = "friend@remote.example"
+
+
+def b64(data: bytes | str) -> bytes:
+    return base64.b64encode(data.encode() if isinstance(data, str) else data)
+
+
+def plain(user: str, password: str, authzid: str = "") -> bytes:
+    return b64(f"{authzid}\0{user}\0{password}")
+
+
+class FakeAuthenticator:
+    """
+    Logs alice in with her password, by PLAIN/LOGIN or SCRAM; records every call. Peers in
+    C{throttled} get L{Throttled}; with C{pending}, verdicts wait for the test to fire them.
+    """
+
+    def __init__(self) -> None:
+        self.scram = {ALICE: scram_credentials(ALICE_PASSWORD)}
+        self.calls: list[tuple[Any, ...]] = []
+        self.throttled: set[str] = set()
+        self.pending = False
+        self.waiting: list[tuple[Deferred[str], str | None]] = []
+        self.error: Exception | None = None
+
+    def _verdict(self, peer: str, account: str | None) -> Deferred[str]:
+        if self.error is not None:
+            return fail(self.error)
+        if self.pending:
+            d: Deferred[str] = Deferred()
+            self.waiting.append((d, account))
+            return d
+        if peer in self.throttled:
+            return fail(Throttled())
+        return succeed(account) if account is not None else fail(LoginFailed())
+
+    def fire(self) -> None:
+        d, account = self.waiting.pop(0)
+        if account is None:
+            d.errback(LoginFailed())
+        else:
+            d.callback(account)
+
+    def authenticate(self, peer_host: str, username: str, password: str) -> Deferred[str]:
+        self.calls.append(("password", peer_host, username, password))
+        account = username.lower()
+        ok = self.scram.get(account) is not None and password == ALICE_PASSWORD
+        return self._verdict(peer_host, account if ok else None)
+
+    def scram_credentials(self, username: str) -> ScramCredentials:
+        self.calls.append(("credentials", username))
+        found = self.scram.get(username.lower())
+        return found if found is not None else scram_credentials("fake", b"0" * 16)
+
+    def scram_login(self, peer_host: str, username: str, proof_ok: bool) -> Deferred[str]:
+        self.calls.append(("scram", peer_host, username, proof_ok))
+        return self._verdict(peer_host, username.lower() if proof_ok else None)
+
+
+@implementer(IDelivery)
+class RecordingDelivery:
+    """A transaction that records what the protocol hands over."""
+
+    def __init__(self, agent: RecordingAgent, mail_from: str, options: MailOptions | None) -> None:
+        self.agent = agent
+        self.mail_from = mail_from
+        self.options = options
+        self.rcpts: list[tuple[str, frozenset[Notify] | None, str | None]] = []
+        self.body = b""
+        self.trace = b""
+
+    @property
+    def size(self) -> int:
+        return len(self.body)
+
+    def add_rcpt(
+        self, address: str, notify: frozenset[Notify] | None = None, orcpt: str | None = None
+    ) -> RcptVerdict:
+        submitted = self.options is not None and self.options.account is not None
+        check = check_submission_rcpt if submitted else check_inbound_rcpt
+        verdict, _ = check(self.agent.directory, address)
+        if verdict is RcptVerdict.ACCEPT:
+            self.rcpts.append((address, notify, orcpt))
+        return verdict
+
+    def write(self, data: bytes) -> None:
+        self.body += data
+
+    def commit(self, trace: bytes) -> Deferred[None]:
+        self.trace = trace
+        self.agent.committed.append(self)
+        return succeed(None)
+
+    def abort(self) -> None:
+        pass
+
+
+@implementer(IDeliveryAgent)
+class RecordingAgent:
+    def __init__(self, directory: IDirectory) -> None:
+        self.directory = directory
+        self.begun: list[RecordingDelivery] = []
+        self.committed: list[RecordingDelivery] = []
+
+    def begin(
+        self, mail_from: str, message_id: str, options: MailOptions | None = None
+    ) -> RecordingDelivery:
+        delivery = RecordingDelivery(self, mail_from, options)
+        self.begun.append(delivery)
+        return delivery
+
+
+class SubmissionTestCase(ServerTestCase):
+    """A submission listener with a fake authenticator and a recording agent."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.auth = FakeAuthenticator()
+        self.agent = RecordingAgent(self.directory)
+        self.owned = {(ALICE, ALICE), (ALICE, "sales@example.org")}
+        self.sender_checks: list[tuple[str, str]] = []
+
+    def may_send_as(self, account: str, address: str) -> bool:
+        self.sender_checks.append((account, address))
+        return (account, address) in self.owned
+
+    def submission(self, tls: object | None = None, **settings: Any) -> SMTPFactory:
+        settings.setdefault("tls_mode", "implicit")
+        return SMTPFactory(
+            SMTPSettings(HOST, submission=True, **settings),
+            self.agent,
+            self.clock,
+            self.limiter,
+            self.tracker,
+            tls,
+            auth=self.auth,
+            may_send_as=self.may_send_as,
+        )
+
+    def logged_in(self, **settings: Any) -> Client:
+        client = self.session(self.submission(**settings))
+        client.send(b"AUTH PLAIN " + plain(ALICE, ALICE_PASSWORD) + b"\r\n")
+        self.assertEqual(client.statuses(), ["235 2.7.0"])
+        return client
+
+    @staticmethod
+    def challenge(output: bytes) -> bytes:
+        """The decoded data of the one C{334} challenge in C{output}."""
+        line = output.decode()
+        assert line.startswith("334 ") and line.endswith("\r\n"), line
+        return base64.b64decode(line[4:-2])
+
+
+class SubmissionEhloTests(SubmissionTestCase):
+    """What a submission listener advertises, and when AUTH is allowed."""
+
+    def ehlo(self, client: Client) -> list[bytes]:
+        client.send(EHLO)
+        return [line[4:] for line in client.take().split(b"\r\n")[1:-1]]
+
+    def test_auth_only_after_starttls(self) -> None:
+        """
+        Before STARTTLS: no AUTH offered, AUTH gets 538 5.7.11 and MAIL 530 5.7.0; DSN is
+        offered. After STARTTLS and a new EHLO, AUTH is offered and works.
+        """
+        context = object()
+        client = self.connect(
+            self.submission(context, tls_mode="starttls"), transport=TLSCapableTransport()
+        )
+        client.take()
+        keywords = self.ehlo(client)
+        self.assertIn(b"STARTTLS", keywords)
+        self.assertIn(b"DSN", keywords)
+        self.assertFalse([k for k in keywords if k.startswith(b"AUTH")], keywords)
+        client.send(b"AUTH PLAIN " + plain(ALICE, ALICE_PASSWORD) + b"\r\n")
+        client.send(b"MAIL FROM:<alice@example.org>\r\n")
+        self.assertEqual(client.statuses(), ["538 5.7.11", "530 5.7.0"])
+        self.assertEqual(self.auth.calls, [])
+        client.send(b"STARTTLS\r\n")
+        self.assertEqual(client.statuses(), ["220 2.0.0"])
+        keywords = self.ehlo(client)
+        self.assertIn(b"AUTH PLAIN LOGIN SCRAM-SHA-256", keywords)
+        self.assertNotIn(b"STARTTLS", keywords)
+        client.send(b"AUTH PLAIN " + plain(ALICE, ALICE_PASSWORD) + b"\r\n")
+        self.assertEqual(client.statuses(), ["235 2.7.0"])
+
+    def test_implicit_tls_offers_auth_at_once(self) -> None:
+        client = self.connect(self.submission())
+        client.take()
+        keywords = self.ehlo(client)
+        self.assertIn(b"AUTH PLAIN LOGIN SCRAM-SHA-256", keywords)
+        self.assertIn(b"DSN", keywords)
+
+    def test_allow_plaintext_auth(self) -> None:
+        client = self.connect(self.submission(tls_mode="none", allow_plaintext_auth=True))
+        client.take()
+        self.assertIn(b"AUTH PLAIN LOGIN SCRAM-SHA-256", self.ehlo(client))
+        client.send(b"AUTH PLAIN " + plain(ALICE, ALICE_PASSWORD) + b"\r\n")
+        self.assertEqual(client.statuses(), ["235 2.7.0"])
+
+    def test_starttls_forgets_the_login(self) -> None:
+        """RFC 3207 §4.2: a login made before TLS does not survive STARTTLS."""
+        client = self.connect(
+            self.submission(object(), tls_mode="starttls", allow_plaintext_auth=True),
+            transport=TLSCapableTransport(),
+        )
+        client.take()
+        client.send(EHLO + b"AUTH PLAIN " + plain(ALICE, ALICE_PASSWORD) + b"\r\n")
+        self.assertEqual(client.statuses(), ["250", "235 2.7.0"])
+        client.send(b"STARTTLS\r\n")
+        client.send(EHLO + b"MAIL FROM:<alice@example.org>\r\n")
+        self.assertEqual(client.statuses(), ["220 2.0.0", "250", "530 5.7.0"])
+
+    def test_port_25_unchanged(self) -> None:
+        """Port 25 offers neither AUTH nor DSN, even over TLS, and AUTH gets 502."""
+        client = self.connect(self.factory(tls_mode="implicit"))
+        client.take()
+        keywords = self.ehlo(client)
+        self.assertFalse([k for k in keywords if k.startswith((b"AUTH", b"DSN"))], keywords)
+        client.send(b"AUTH PLAIN " + plain(ALICE, ALICE_PASSWORD) + b"\r\n")
+        self.assertEqual(client.statuses(), ["502 5.5.1"])
+
+    def test_submission_needs_auth_and_sender_check(self) -> None:
+        settings = SMTPSettings(HOST, submission=True)
+        agent = RecordingAgent(self.directory)
+        args = (settings, agent, self.clock, self.limiter, self.tracker)
+        self.assertRaises(ValueError, SMTPFactory, *args)
+        self.assertRaises(ValueError, SMTPFactory, *args, auth=self.auth)
+        self.assertRaises(ValueError, SMTPFactory, *args, may_send_as=self.may_send_as)
+
+
+class AuthExchangeTests(SubmissionTestCase):
+    """AUTH PLAIN, LOGIN and SCRAM-SHA-256 on the wire (RFC 4954)."""
+
+    def test_plain_initial_response(self) -> None:
+        client = self.session(self.submission())
+        client.send(b"AUTH PLAIN " + plain(ALICE, ALICE_PASSWORD) + b"\r\n")
+        self.assertEqual(client.take(), b"235 2.7.0 Authentication successful\r\n")
+        self.assertEqual(self.auth.calls, [("password", PEER_IP, ALICE, ALICE_PASSWORD)])
+
+    def test_plain_with_continuation(self) -> None:
+        """Without an initial response the server sends an empty challenge, C{334 }."""
+        client = self.session(self.submission())
+        client.send(b"auth plain\r\n")
+        self.assertEqual(client.take(), b"334 \r\n")
+        client.send(plain(ALICE, ALICE_PASSWORD, authzid=ALICE) + b"\r\n")
+        self.assertEqual(client.statuses(), ["235 2.7.0"])
+
+    def test_plain_other_authzid_refused(self) -> None:
+        client = self.session(self.submission())
+        client.send(b"AUTH PLAIN " + plain(ALICE, ALICE_PASSWORD, authzid=BOB) + b"\r\n")
+        self.assertEqual(client.statuses(), ["535 5.7.8"])
+        self.assertEqual(self.auth.calls, [])
+
+    def test_empty_initial_response(self) -> None:
+        """C{=} is an empty initial response: for PLAIN a malformed one."""
+        client = self.session(self.submission())
+        client.send(b"AUTH PLAIN =\r\n")
+        self.assertEqual(client.statuses(), ["501 5.5.2"])
+
+    def test_login(self) -> None:
+        client = self.session(self.submission())
+        client.send(b"AUTH LOGIN\r\n")
+        self.assertEqual(client.take(), b"334 VXNlcm5hbWU6\r\n")
+        client.send(b64(ALICE) + b"\r\n")
+        self.assertEqual(client.take(), b"334 UGFzc3dvcmQ6\r\n")
+        client.send(b64(ALICE_PASSWORD) + b"\r\n")
+        self.assertEqual(client.statuses(), ["235 2.7.0"])
+        self.assertEqual(self.auth.calls, [("password", PEER_IP, ALICE, ALICE_PASSWORD)])
+
+    def test_login_initial_response_is_the_user(self) -> None:
+        client = self.session(self.submission())
+        client.send(b"AUTH LOGIN " + b64(ALICE) + b"\r\n")
+        self.assertEqual(client.take(), b"334 UGFzc3dvcmQ6\r\n")
+        client.send(b64("wrong") + b"\r\n")
+        self.assertEqual(client.statuses(), ["535 5.7.8"])
+
+    def scram_first(self, client: Client, user: str = ALICE) -> tuple[str, str]:
+        bare = f"n={user},r=clientnonce123"
+        client.send(b"AUTH SCRAM-SHA-256 " + b64(f"n,,{bare}") + b"\r\n")
+        return bare, self.challenge(client.take()).decode()
+
+    def test_scram(self) -> None:
+        """
+        The whole exchange: server-first, then the server signature as a last challenge,
+        which an empty response acknowledges; then 235. The credentials were looked up by
+        the name the client sent; the verdict went through the authenticator.
+        """
+        client = self.session(self.submission())
+        bare, server_first = self.scram_first(client)
+        self.assertTrue(server_first.startswith("r=clientnonce123"), server_first)
+        final, verifier = client_final(ALICE_PASSWORD, bare, server_first)
+        client.send(b64(final) + b"\r\n")
+        self.assertEqual(self.challenge(client.take()), verifier)
+        self.assertEqual(self.auth.calls, [("credentials", ALICE), ("scram", PEER_IP, ALICE, True)])
+        client.send(b"\r\n")
+        self.assertEqual(client.statuses(), ["235 2.7.0"])
+        client.send(b"MAIL FROM:<alice@example.org>\r\n")
+        self.assertEqual(client.statuses(), ["250 2.1.0"])
+
+    def test_scram_without_initial_response(self) -> None:
+        client = self.session(self.submission())
+        client.send(b"AUTH SCRAM-SHA-256\r\n")
+        self.assertEqual(client.take(), b"334 \r\n")
+        bare = "n=alice@example.org,r=abc"
+        client.send(b64("n,,n=alice@example.org,r=abc") + b"\r\n")
+        server_first = self.challenge(client.take()).decode()
+        final, _ = client_final(ALICE_PASSWORD, bare, server_first)
+        client.send(b64(final) + b"\r\n")
+        client.take()
+        client.send(b"=\r\n")
+        self.assertEqual(client.statuses(), ["235 2.7.0"])
+
+    def test_scram_wrong_password(self) -> None:
+        """A wrong proof is a failed login through the authenticator: 535 5.7.8."""
+        client = self.session(self.submission())
+        bare, server_first = self.scram_first(client)
+        final, _ = client_final("wrong", bare, server_first)
+        client.send(b64(final) + b"\r\n")
+        self.assertEqual(client.statuses(), ["535 5.7.8"])
+        self.assertEqual(self.auth.calls[-1], ("scram", PEER_IP, ALICE, False))
+        client.send(b"MAIL FROM:<alice@example.org>\r\n")
+        self.assertEqual(client.statuses(), ["530 5.7.0"])
+
+    def test_scram_throttled_reveals_nothing(self) -> None:
+        """A throttled client gets 454 4.7.0, not the server signature, even when right."""
+        self.auth.throttled.add(PEER_IP)
+        client = self.session(self.submission())
+        bare, server_first = self.scram_first(client)
+        final, _ = client_final(ALICE_PASSWORD, bare, server_first)
+        client.send(b64(final) + b"\r\n")
+        self.assertEqual(client.statuses(), ["454 4.7.0"])
+
+    def test_scram_ack_must_be_empty(self) -> None:
+        client = self.session(self.submission())
+        bare, server_first = self.scram_first(client)
+        final, _ = client_final(ALICE_PASSWORD, bare, server_first)
+        client.send(b64(final) + b"\r\n")
+        client.take()
+        client.send(b64("more") + b"\r\n")
+        client.send(b"MAIL FROM:<alice@example.org>\r\n")
+        self.assertEqual(client.statuses(), ["501 5.5.2", "530 5.7.0"])
+
+    def test_scram_channel_binding_refused(self) -> None:
+        client = self.session(self.submission())
+        client.send(b"AUTH SCRAM-SHA-256 " + b64("p=tls-exporter,,n=alice,r=abc") + b"\r\n")
+        self.assertEqual(client.statuses(), ["535 5.7.8"])
+
+    def test_cancel(self) -> None:
+        """C{*} cancels an exchange (501); AUTH may be tried again."""
+        client = self.session(self.submission())
+        client.send(b"AUTH LOGIN\r\n*\r\n")
+        self.assertEqual(client.statuses(), ["334", "501 5.7.0"])
+        client.send(b"AUTH PLAIN " + plain(ALICE, ALICE_PASSWORD) + b"\r\n")
+        self.assertEqual(client.statuses(), ["235 2.7.0"])
+
+    def test_bad_base64(self) -> None:
+        client = self.session(self.submission())
+        client.send(b"AUTH PLAIN AGFsaWNl!!!\r\nAUTH LOGIN\r\nnot base64\r\n")
+        self.assertEqual(client.statuses(), ["501 5.5.2", "334", "501 5.5.2"])
+        self.assertEqual(self.auth.calls, [])
+
+    def test_wrong_password_and_throttled(self) -> None:
+        client = self.session(self.submission())
+        client.send(b"AUTH PLAIN " + plain(ALICE, "wrong") + b"\r\n")
+        self.assertEqual(client.take(), b"535 5.7.8 Authentication credentials invalid\r\n")
+        self.auth.throttled.add(PEER_IP)
+        client.send(b"AUTH PLAIN " + plain(ALICE, ALICE_PASSWORD) + b"\r\n")
+        self.assertEqual(client.statuses(), ["454 4.7.0"])
+
+    def test_internal_error_is_454(self) -> None:
+        self.auth.error = RuntimeError("directory locked")
+        client = self.session(self.submission())
+        client.send(b"AUTH PLAIN " + plain(ALICE, ALICE_PASSWORD) + b"\r\n")
+        self.assertEqual(client.take(), b"454 4.7.0 Temporary authentication failure\r\n")
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    def test_sequence_errors(self) -> None:
+        """AUTH before EHLO or after HELO: 503; a second AUTH: 503; unknown mechanism: 504;
+        no mechanism: 501."""
+        client = self.connect(self.submission())
+        client.take()
+        client.send(b"AUTH PLAIN " + plain(ALICE, ALICE_PASSWORD) + b"\r\n")
+        client.send(b"HELO client.example\r\nAUTH PLAIN\r\n")
+        client.send(EHLO + b"AUTH CRAM-MD5\r\nAUTH\r\n")
+        client.send(b"AUTH PLAIN " + plain(ALICE, ALICE_PASSWORD) + b"\r\nAUTH LOGIN\r\n")
+        self.assertEqual(
+            client.statuses(),
+            ["503 5.5.1", "250", "503 5.5.1", "250", "504 5.5.4", "501 5.5.4", "235 2.7.0"]
+            + ["503 5.5.1"],
+        )
+
+    def test_auth_not_in_a_transaction(self) -> None:
+        client = self.logged_in(allow_plaintext_auth=True)
+        client.send(b"MAIL FROM:<alice@example.org>\r\nAUTH PLAIN\r\n")
+        self.assertEqual(client.statuses(), ["250 2.1.0", "503 5.5.1"])
+
+    def test_input_paused_while_the_check_runs(self) -> None:
+        """
+        Commands pipelined after AUTH wait for its verdict (the transport is paused when
+        more input comes) and are then answered in order, in one write.
+        """
+        self.auth.pending = True
+        client = self.session(self.submission())
+        client.send(b"AUTH PLAIN " + plain(ALICE, ALICE_PASSWORD) + b"\r\n")
+        client.send(b"MAIL FROM:<alice@example.org>\r\n")
+        self.assertEqual(client.take(), b"")
+        self.assertEqual(client.transport.producerState, "paused")
+        writes = len(client.transport.writes)
+        self.auth.fire()
+        self.assertEqual(client.transport.producerState, "producing")
+        self.assertEqual(len(client.transport.writes), writes + 1)
+        self.assertEqual(client.statuses(), ["235 2.7.0", "250 2.1.0"])
+
+    def test_verdict_after_disconnect(self) -> None:
+        self.auth.pending = True
+        client = self.session(self.submission())
+        client.send(b"AUTH PLAIN " + plain(ALICE, ALICE_PASSWORD) + b"\r\n")
+        client.lose()
+        self.auth.fire()
+        self.assertEqual(client.take(), b"")
+
+    def test_long_auth_lines(self) -> None:
+        """
+        AUTH lines may be longer than other commands (RFC 4954 §4: 12288 octets), up to
+        C{max_auth_line}; a longer SASL response gets 500 5.5.6 and ends the exchange.
+        Port 25 keeps its command line limit.
+        """
+        long_plain = plain(ALICE, "x" * 9000)
+        client = self.session(self.submission(max_line=512))
+        client.send(b"AUTH PLAIN " + long_plain + b"\r\n")
+        self.assertEqual(client.statuses(), ["535 5.7.8"])
+        client.send(b"AUTH LOGIN\r\n" + b"A" * 20000 + b"\r\nNOOP\r\n")
+        self.assertEqual(client.statuses(), ["334", "500 5.5.6", "250 2.0.0"])
+        port25 = self.session(max_line=512)
+        port25.send(b"AUTH PLAIN " + long_plain + b"\r\n")
+        self.assertEqual(port25.statuses(), ["500 5.5.2"])
+
+    def test_shutdown_during_exchange(self) -> None:
+        """A session waiting for a SASL response is idle: a graceful stop closes it."""
+        client = self.session(self.submission())
+        client.send(b"AUTH LOGIN\r\n")
+        client.take()
+        self.tracker.drain(self.clock, 30)
+        self.assertEqual(client.statuses(), ["421 4.3.2"])
+        self.assertTrue(client.closed)
+
+
+class SubmissionMailTests(SubmissionTestCase):
+    """MAIL and RCPT on submission: authentication, sender ownership, recipients."""
+
+    def test_530_before_auth(self) -> None:
+        """Before AUTH, MAIL and RCPT get 530 5.7.0, for local and remote recipients."""
+        client = self.session(self.submission())
+        client.send(b"MAIL FROM:<alice@example.org>\r\n" + RCPT_ALICE)
+        client.send(b"RCPT TO:<friend@remote.example>\r\nDATA\r\n")
+        self.assertEqual(client.statuses(), ["530 5.7.0", "530 5.7.0", "530 5.7.0", "503 5.5.1"])
+        self.assertEqual(self.agent.begun, [])
+
+    def test_forged_sender_553(self) -> None:
+        client = self.logged_in()
+        client.send(b"MAIL FROM:<bob@example.org>\r\n")
+        self.assertEqual(
+            client.take(), b"553 5.7.1 Sender address not owned by alice@example.org\r\n"
+        )
+        self.assertEqual(self.sender_checks, [(ALICE, BOB)])
+        self.assertEqual(self.agent.begun, [])
+
+    def test_null_sender_553(self) -> None:
+        client = self.logged_in()
+        client.send(b"MAIL FROM:<>\r\n")
+        self.assertEqual(client.statuses(), ["553 5.7.1"])
+        self.assertEqual(self.sender_checks, [])
+
+    def test_owned_addresses(self) -> None:
+        client = self.logged_in()
+        client.send(b"MAIL FROM:<sales@example.org>\r\nRSET\r\nMAIL FROM:<alice@example.org>\r\n")
+        self.assertEqual(client.statuses(), ["250 2.1.0", "250 2.0.0", "250 2.1.0"])
+
+    def test_recipients(self) -> None:
+        """Local recipients are checked as on port 25; remote ones are accepted (queued)."""
+        client = self.logged_in()
+        client.send(b"MAIL FROM:<alice@example.org>\r\n" + RCPT_BOB)
+        client.send(b"RCPT TO:<nobody@example.org>\r\nRCPT TO:<friend@remote.example>\r\n")
+        self.assertEqual(client.statuses(), ["250 2.1.0", "250 2.1.5", "550 5.1.1", "250 2.1.5"])
+        [delivery] = self.agent.begun
+        self.assertEqual([r[0] for r in delivery.rcpts], [BOB, REMOTE])
+
+    def test_message_traced_as_esmtpsa_without_secrets(self) -> None:
+        """
+        A submitted message's Received: says ESMTPSA (RFC 3848) and holds neither the
+        account nor anything of the login.
+        """
+        client = self.logged_in()
+        client.send(b"MAIL FROM:<alice@example.org>\r\nRCPT TO:<friend@remote.example>\r\n")
+        client.send(b"DATA\r\n" + CONTENT + b".\r\n")
+        output = client.take()
+        self.assertEqual(statuses(output), ["250 2.1.0", "250 2.1.5", "354", "250 2.0.0"])
+        [delivery] = self.agent.committed
+        [msgid] = accepted_ids(output)
+        expected = received_header(
+            helo="client.example",
+            peer_ip=PEER_IP,
+            hostname=HOST,
+            protocol="ESMTPSA",
+            message_id=msgid,
+            recipient=REMOTE,
+            now=0.0,
+        )
+        self.assertEqual(delivery.trace, expected)
+        for secret in (b"alice", ALICE_PASSWORD.encode(), b"PLAIN", b"AUTH"):
+            self.assertNotIn(secret, delivery.trace)
+        self.assertEqual(delivery.body, CONTENT)
+
+    def test_utf8_submission_traced_as_utf8smtpsa(self) -> None:
+        client = self.logged_in()
+        client.send(b"MAIL FROM:<alice@example.org> SMTPUTF8\r\n" + RCPT_BOB)
+        client.send(b"DATA\r\n" + CONTENT + b".\r\n")
+        client.take()
+        [delivery] = self.agent.committed
+        self.assertIn(b" with UTF8SMTPSA id ", delivery.trace)
+
+
+class DSNParameterTests(SubmissionTestCase):
+    """RFC 3461 parameters on submission: parsed, decoded, handed to the agent."""
+
+    def test_parameters_reach_the_agent(self) -> None:
+        client = self.logged_in()
+        client.send(
+            b"MAIL FROM:<alice@example.org> RET=hdrs ENVID=QQ+2Bx+3Dy BODY=8BITMIME SMTPUTF8\r\n"
+            b"RCPT TO:<friend@remote.example> NOTIFY=success,FAILURE "
+            b"ORCPT=rfc822;friend+2Bx@remote.example\r\n"
+            b"RCPT TO:<bob@example.org> NOTIFY=NEVER\r\n"
+            b"RCPT TO:<alice@example.org>\r\n"
+        )
+        self.assertEqual(client.statuses(), ["250 2.1.0"] + ["250 2.1.5"] * 3)
+        [delivery] = self.agent.begun
+        self.assertEqual(delivery.mail_from, ALICE)
+        self.assertEqual(
+            delivery.options,
+            MailOptions(account=ALICE, envid="QQ+x=y", ret="HDRS", smtputf8=True, eight_bit=True),
+        )
+        self.assertEqual(
+            delivery.rcpts,
+            [
+                (REMOTE, frozenset({"SUCCESS", "FAILURE"}), "rfc822;friend+x@remote.example"),
+                (BOB, frozenset({"NEVER"}), None),
+                (ALICE, None, None),
+            ],
+        )
+
+    def test_defaults(self) -> None:
+        client = self.logged_in()
+        client.send(b"MAIL FROM:<alice@example.org> BODY=7BIT\r\n")
+        self.assertEqual(client.statuses(), ["250 2.1.0"])
+        self.assertEqual(self.agent.begun[0].options, MailOptions(account=ALICE))
+
+    def test_bad_values_get_501_5_5_4(self) -> None:
+        """Bad RET, ENVID, NOTIFY and ORCPT values (bad xtext, a control character once
+        decoded, NEVER with others, no addr-type) get 501 5.5.4."""
+        client = self.logged_in(max_errors=100)
+        for params in (
+            b"RET=ALL",
+            b"RET",
+            b"ENVID=a+ZZ",
+            b"ENVID",
+            b"ENVID=" + b"x" * 101,
+            b"ENVID=a+0Ab",
+        ):
+            client.send(b"MAIL FROM:<alice@example.org> " + params + b"\r\n")
+            self.assertEqual(client.statuses(), ["501 5.5.4"], params)
+        client.send(b"MAIL FROM:<alice@example.org>\r\n")
+        self.assertEqual(client.statuses(), ["250 2.1.0"])
+        for params in (
+            b"NOTIFY=NEVER,SUCCESS",
+            b"NOTIFY",
+            b"NOTIFY=SOMETIMES",
+            b"ORCPT=friend@remote.example",
+            b"ORCPT=rfc822;",
+            b"ORCPT=rfc822;a+0Db@remote.example",
+            b"ORCPT=rfc822;a+b@remote.example",
+            b"ORCPT=;a@remote.example",
+        ):
+            client.send(b"RCPT TO:<friend@remote.example> " + params + b"\r\n")
+            self.assertEqual(client.statuses(), ["501 5.5.4"], params)
+
+    def test_port_25_has_no_dsn_but_passes_mail_options(self) -> None:
+        """Port 25: DSN parameters are unknown (555); the agent still gets SMTPUTF8 and
+        BODY, with no account."""
+        agent = RecordingAgent(self.directory)
+        factory = SMTPFactory(SMTPSettings(HOST), agent, self.clock, self.limiter, self.tracker)
+        client = self.session(factory)
+        client.send(b"MAIL FROM:<a@remote.example> RET=FULL\r\n")
+        client.send(b"MAIL FROM:<a@remote.example> ENVID=x\r\n")
+        client.send(b"MAIL FROM:<a@remote.example> BODY=8BITMIME SMTPUTF8\r\n")
+        client.send(RCPT_ALICE[:-2] + b" NOTIFY=NEVER\r\n")
+        client.send(RCPT_ALICE[:-2] + b" ORCPT=rfc822;alice@example.org\r\n")
+        client.send(b"RCPT TO:<friend@remote.example>\r\n")
+        self.assertEqual(
+            client.statuses(),
+            ["555 5.5.4", "555 5.5.4", "250 2.1.0", "555 5.5.4", "555 5.5.4", "554 5.7.1"],
+        )
+        self.assertEqual(
+            agent.begun[0].options, MailOptions(account=None, smtputf8=True, eight_bit=True)
+        )

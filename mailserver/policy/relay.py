@@ -3,7 +3,8 @@
 Who may send mail where. Returns verdicts; the SMTP layer phrases the replies.
 
 On the inbound listener (port 25) mail is taken only for local domains, for recipients that
-exist; nothing is relayed, whoever asks (DESIGN.md §4).
+exist; nothing is relayed, whoever asks (DESIGN.md §4). On a submission listener the client has
+authenticated: local recipients are checked the same way, remote ones are accepted for the queue.
 """
 
 from __future__ import annotations
@@ -39,3 +40,20 @@ def check_inbound_rcpt(directory: IDirectory, address: str) -> tuple[RcptVerdict
     if not accounts:
         return RcptVerdict.UNKNOWN_USER, []
     return RcptVerdict.ACCEPT, accounts
+
+
+def check_submission_rcpt(directory: IDirectory, address: str) -> tuple[RcptVerdict, list[str]]:
+    """
+    Decide on recipient C{address} for mail from an authenticated user (submission).
+
+    A local domain (or the bare C{"postmaster"}) is checked as on port 25: an address nobody
+    receives is L{RcptVerdict.UNKNOWN_USER}. Any other domain is remote and accepted.
+
+    @return: the verdict and the accounts the mail goes to; C{ACCEPT} with C{[]} means a remote
+        recipient: queue the message for it.
+    """
+    if address != "postmaster":
+        domain = address.rpartition("@")[2]
+        if not directory.is_local_domain(domain):
+            return RcptVerdict.ACCEPT, []
+    return check_inbound_rcpt(directory, address)

@@ -1,6 +1,7 @@
 # -*- test-case-name: tests.test_smtp_address -*-
 """
-Parsing of SMTP paths and their parameters (RFC 5321 §4.1.2, RFC 6531 for UTF-8): no I/O.
+Parsing of SMTP paths and their parameters (RFC 5321 §4.1.2, RFC 6531 for UTF-8, RFC 3461 for
+the DSN parameters and xtext): no I/O.
 
 L{parse_path_argument} takes what follows C{MAIL} / C{RCPT} and returns the address and the
 ESMTP parameters, or raises L{Reply} with the code the client should get.
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from mailserver.smtp.codes import (
     C501ParamSyntax,
@@ -22,6 +24,9 @@ from mailserver.smtp.codes import (
     SeProtoParams,
     SeProtoSyntax,
 )
+
+if TYPE_CHECKING:
+    from mailserver.queue.model import Notify, Ret
 
 MAX_LOCAL_PART = 64  # RFC 5321 §4.5.3.1.1
 MAX_DOMAIN = 255  # RFC 5321 §4.5.3.1.2
@@ -172,3 +177,112 @@ def require_ascii(address: str, smtputf8: bool) -> None:
 def unknown_parameter(name: str) -> Reply:
     """The reply for a parameter we do not implement (RFC 5321 §4.1.1.11: 555)."""
     return Reply(C555ParamsNotRecognized, _BAD_PARAM, f"Parameter {name} not supported")
+
+
+# -- DSN parameters (RFC 3461) --------------------------------------------------------------------
+
+MAX_ENVID = 100  # RFC 3461 §4.4
+MAX_ORCPT = 500  # RFC 3461 §4.2
+
+_XTEXT = re.compile(r"(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-Fa-f]{2})*")
+_ADDR_TYPE = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+")  # an atom (RFC 3461 §4.2)
+_PRINTABLE = re.compile(r"[\x20-\x7e]*")
+_NOTIFY: dict[str, Notify] = {
+    "NEVER": "NEVER",
+    "SUCCESS": "SUCCESS",
+    "FAILURE": "FAILURE",
+    "DELAY": "DELAY",
+}
+_RET: dict[str, Ret] = {"FULL": "FULL", "HDRS": "HDRS"}
+
+
+def _bad(text: str) -> Reply:
+    return Reply(C501ParamSyntax, _BAD_PARAM, text)
+
+
+def xtext_decode(text: str) -> str:
+    """
+    Decode RFC 3461 §4 xtext: C{+XX} (two hex digits) is the character XX; C{+} and C{=}
+    appear only so encoded. Lower-case hex digits are accepted too.
+
+    @raise ValueError: C{text} is not xtext.
+    """
+    if not _XTEXT.fullmatch(text):
+        raise ValueError("not xtext")
+    return re.sub(r"\+([0-9A-Fa-f]{2})", lambda m: chr(int(m.group(1), 16)), text)
+
+
+def xtext_encode(text: str) -> str:
+    """Encode printable ASCII as xtext: C{+}, C{=} and anything outside C{!}..C{~} as C{+XX}."""
+    return "".join(ch if "!" <= ch <= "~" and ch not in "+=" else f"+{ord(ch):02X}" for ch in text)
+
+
+def parse_ret(value: str | None) -> Ret:
+    """
+    MAIL C{RET=FULL|HDRS} (RFC 3461 §4.3), any case.
+
+    @raise Reply: C{501 5.5.4} for anything else.
+    """
+    ret = _RET.get((value or "").upper())
+    if ret is None:
+        raise _bad("RET must be FULL or HDRS")
+    return ret
+
+
+def parse_envid(value: str | None) -> str:
+    """
+    MAIL C{ENVID=xtext} (RFC 3461 §4.4): at most 100 characters, printable ASCII once decoded.
+
+    @return: the decoded envelope id.
+    @raise Reply: C{501 5.5.4} when it is not that.
+    """
+    if not value or len(value) > MAX_ENVID:
+        raise _bad("ENVID must be 1 to 100 characters of xtext")
+    try:
+        envid = xtext_decode(value)
+    except ValueError:
+        raise _bad("ENVID is not valid xtext")
+    if not _PRINTABLE.fullmatch(envid):
+        raise _bad("ENVID must be printable ASCII")
+    return envid
+
+
+def parse_notify(value: str | None) -> frozenset[Notify]:
+    """
+    RCPT C{NOTIFY=NEVER} or C{NOTIFY=} a list of C{SUCCESS}, C{FAILURE}, C{DELAY}
+    (RFC 3461 §4.1), any case.
+
+    @raise Reply: C{501 5.5.4} for an empty value, another keyword, or NEVER with others.
+    """
+    words = (value or "").upper().split(",")
+    kinds = [_NOTIFY.get(word) for word in words]
+    found = frozenset(kind for kind in kinds if kind is not None)
+    if None in kinds or ("NEVER" in found and len(found) > 1):
+        raise _bad("NOTIFY must be NEVER, or SUCCESS, FAILURE and DELAY separated by commas")
+    return found
+
+
+def parse_orcpt(value: str | None) -> str:
+    """
+    RCPT C{ORCPT=addr-type;xtext} (RFC 3461 §4.2).
+
+    @return: C{addr-type;address}, the type lower case and the address decoded from xtext,
+        which must then be printable ASCII. For the C{utf-8} type (RFC 6533) the address is
+        kept in its C{utf-8-addr-xtext} form, as sent.
+    @raise Reply: C{501 5.5.4} when it is not that.
+    """
+    if not value or len(value) > MAX_ORCPT:
+        raise _bad("ORCPT must be addr-type;xtext of at most 500 characters")
+    addr_type, semicolon, encoded = value.partition(";")
+    if not semicolon or not encoded or not _ADDR_TYPE.fullmatch(addr_type):
+        raise _bad("ORCPT must be addr-type;xtext")
+    addr_type = addr_type.lower()
+    if addr_type == "utf-8":
+        return f"{addr_type};{encoded}"
+    try:
+        address = xtext_decode(encoded)
+    except ValueError:
+        raise _bad("ORCPT address is not valid xtext")
+    if not _PRINTABLE.fullmatch(address):
+        raise _bad("ORCPT address must be printable ASCII")
+    return f"{addr_type};{address}"

@@ -2,22 +2,30 @@
 """
 The ESMTP server protocol (RFC 5321) with PIPELINING (RFC 2920), 8BITMIME (RFC 6152), SMTPUTF8
 (RFC 6531), SIZE (RFC 1870), ENHANCEDSTATUSCODES (RFC 2034), STARTTLS (RFC 3207) and CHUNKING
-(RFC 3030).
+(RFC 3030); on a submission listener (RFC 6409) also AUTH (RFC 4954: PLAIN, LOGIN,
+SCRAM-SHA-256) and DSN (RFC 3461).
 
 Our own protocol on C{Protocol}, not twisted.mail's (DESIGN.md §1): input is framed here in
 chunks, replies to pipelined commands leave in one write, and a command whose reply must wait
 (the end of DATA, whose C{250} waits for durable storage) pauses the transport, so replies stay
 in order and TCP pushes back. The protocol never touches the disk: it talks to an
 L{IDeliveryAgent}.
+
+A submission listener wants AUTH (offered only once TLS is on, unless the listener allows
+plaintext authentication) before MAIL, and takes a MAIL FROM only when the account owns it
+(the C{may_send_as} check it is given). Port 25 never offers AUTH and never relays.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import itertools
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
+from typing import Protocol as TypingProtocol
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime, ITLSTransport
@@ -25,14 +33,20 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 from typing_extensions import override
 
-from mailserver import log
+from mailserver import log, sasl
+from mailserver.auth import LoginFailed, Throttled
 from mailserver.interfaces import IDelivery, IDeliveryAgent
 from mailserver.limits import ConnectionLimiter
 from mailserver.policy.relay import RcptVerdict
+from mailserver.queue.model import MailOptions, Notify, Ret
 from mailserver.sessions import SessionTracker
 from mailserver.smtp import codes as c
 from mailserver.smtp.address import (
+    parse_envid,
+    parse_notify,
+    parse_orcpt,
     parse_path_argument,
+    parse_ret,
     require_ascii,
     unknown_parameter,
 )
@@ -41,9 +55,24 @@ from mailserver.smtp.data import DataDecoder, LineEndingCheck
 from mailserver.smtp.received import protocol_name, received_header
 from mailserver.transport import pause, set_nodelay, write_now
 
-__all__ = ["SMTPFactory", "SMTPServer", "SMTPSettings", "SessionTracker"]
+__all__ = [
+    "SMTPAuthenticator",
+    "SMTPFactory",
+    "SMTPServer",
+    "SMTPSettings",
+    "SenderCheck",
+    "SessionTracker",
+    "new_id",
+]
 
 TLSMode = Literal["starttls", "implicit", "none"]
+
+# RFC 4954's replies (codes.py has RFC 5321's).
+C235AuthSucceeded = 235
+C454TempAuthFailure = 454
+C530AuthRequired = 530
+C535AuthFailed = 535
+C538EncryptionRequired = 538
 
 _HTTP_VERBS = frozenset({"GET", "POST", "HEAD", "PUT", "CONNECT", "OPTIONS", "DELETE"})
 _COMMAND, _DATA, _BDAT, _CLOSED = range(4)
@@ -58,7 +87,14 @@ def new_id() -> str:
 
 @dataclass(frozen=True, slots=True)
 class SMTPSettings:
-    """What one SMTP listener needs to know; built from the config by the composition root."""
+    """
+    What one SMTP listener needs to know; built from the config by the composition root.
+
+    @ivar submission: a submission listener (ports 587, 465): AUTH, sender ownership, DSN.
+    @ivar allow_plaintext_auth: on a submission listener, offer AUTH before TLS too.
+    @ivar max_auth_line: the longest AUTH command or SASL response line, CRLF included
+        (RFC 4954 §4 asks for at least 12288 octets).
+    """
 
     hostname: str
     tls_mode: TLSMode = "starttls"
@@ -67,6 +103,31 @@ class SMTPSettings:
     max_recipients: int = 1000
     idle_timeout: float = 300.0
     max_errors: int = 10
+    submission: bool = False
+    allow_plaintext_auth: bool = False
+    max_auth_line: int = 16384
+
+
+class SMTPAuthenticator(TypingProtocol):
+    """What AUTH needs (L{mailserver.auth.Authenticator} is one)."""
+
+    def authenticate(self, peer_host: str, username: str, password: str) -> Deferred[str]:
+        """Check a password; fires with the account, fails with L{Throttled} or
+        L{LoginFailed}."""
+        ...
+
+    def scram_credentials(self, username: str) -> sasl.ScramCredentials:
+        """The SCRAM-SHA-256 credentials of a login name (a fixed fake for no account)."""
+        ...
+
+    def scram_login(self, peer_host: str, username: str, proof_ok: bool) -> Deferred[str]:
+        """Count a finished SCRAM exchange; fires with the account, fails like
+        C{authenticate}."""
+        ...
+
+
+SenderCheck = Callable[[str, str], bool]
+"""C{may_send_as(account, address)}: whether the account may use that envelope sender."""
 
 
 class SMTPFactory(Factory):
@@ -80,17 +141,27 @@ class SMTPFactory(Factory):
         limiter: ConnectionLimiter,
         tracker: SessionTracker,
         tls: object | None = None,
+        *,
+        auth: SMTPAuthenticator | None = None,
+        may_send_as: SenderCheck | None = None,
     ) -> None:
         """
         @param tls: the server TLS context factory (an C{IOpenSSLServerConnectionCreator}) for
             STARTTLS; for implicit TLS the listener wraps this factory and C{tls} is unused.
+        @param auth: checks logins; required on a submission listener, unused otherwise.
+        @param may_send_as: the sender ownership check; required on a submission listener.
+        @raise ValueError: a submission listener without C{auth} or C{may_send_as}.
         """
+        if settings.submission and (auth is None or may_send_as is None):
+            raise ValueError("a submission listener needs auth and may_send_as")
         self.settings = settings
         self.agent = agent
         self.clock = clock
         self.limiter = limiter
         self.tracker = tracker
         self.tls = tls
+        self.auth = auth
+        self.may_send_as = may_send_as
 
     @override
     def buildProtocol(self, addr: object) -> SMTPServer:
@@ -124,6 +195,9 @@ class SMTPServer(Protocol):
         self._stopping = False
         self._idle_waiter: Deferred[None] | None = None
         self._delivery: IDelivery | None = None
+        self._account: str | None = None  # after a successful AUTH
+        self._sasl: sasl.Mechanism | None = None  # an AUTH exchange waiting for a response
+        self._sasl_ack: str | None = None  # SCRAM's account, once the client takes our v=
         self._reset_transaction()
 
     # -- connection ------------------------------------------------------------------------
@@ -276,19 +350,41 @@ class SMTPServer(Protocol):
             self._skip_line = False
             self._buf = buf[end + 2 :]
             return True
+        limit = self._line_limit(buf)
         if end < 0:
-            if len(buf) > self._s.max_line:
+            if len(buf) > limit:
                 self._buf = b"\r" if buf.endswith(b"\r") else b""
                 self._skip_line = True
-                self._error(c.C500SyntaxError, "5.5.2", "Line too long")
+                self._line_too_long()
             return False
         line = buf[:end]
         self._buf = buf[end + 2 :]
-        if end + 2 > self._s.max_line:
-            self._error(c.C500SyntaxError, "5.5.2", "Line too long")
+        if end + 2 > limit:
+            self._line_too_long()
             return True
-        self._command(line)
+        if self._in_sasl:
+            self._run("AUTH", lambda: self._sasl_response(line))
+        else:
+            self._command(line)
         return True
+
+    @property
+    def _in_sasl(self) -> bool:
+        """Whether the next line is a response of an AUTH exchange, not a command."""
+        return self._sasl is not None or self._sasl_ack is not None
+
+    def _line_limit(self, buf: bytes) -> int:
+        """The longest line allowed at the start of C{buf}: AUTH lines may be longer."""
+        if self._in_sasl or (self._s.submission and buf[:5].upper() == b"AUTH "):
+            return max(self._s.max_line, self._s.max_auth_line)
+        return self._s.max_line
+
+    def _line_too_long(self) -> None:
+        if self._in_sasl:
+            self._end_sasl()
+            self._error(c.C500SyntaxError, "5.5.6", "Authentication exchange line is too long")
+        else:
+            self._error(c.C500SyntaxError, "5.5.2", "Line too long")
 
     def _command(self, raw: bytes) -> None:
         if b"\x00" in raw:
@@ -312,12 +408,17 @@ class SMTPServer(Protocol):
                 return
             self._error(c.C500SyntaxError, "5.5.2", "Command not recognized")
             return
+        self._run(verb, lambda: handler(self, arg))
+
+    def _run(self, verb: str, call: Callable[[], None]) -> None:
+        """Run a command's handler: a L{Reply} it raises is the answer, any other error a 451."""
         try:
-            handler(self, arg)
+            call()
         except Reply as r:
             self._refuse(verb, r)
         except Exception:
             log.internal_error(self.session, self.peer, verb, Failure())
+            self._end_sasl()
             if verb != "RCPT":
                 self._abort_transaction()
             self._reply(c.C451LocalError, "4.3.0", f"Internal error, session {self.session}")
@@ -384,6 +485,10 @@ class SMTPServer(Protocol):
         ]
         if self._starttls_available():
             ext.append("STARTTLS")
+        if self._s.submission:
+            if self._auth_allowed():
+                ext.append("AUTH " + " ".join(sasl.MECHANISMS))
+            ext.append("DSN")
         ext.append("HELP")
         self._out.append(format_multiline(c.C250OK, ext))
 
@@ -396,14 +501,37 @@ class SMTPServer(Protocol):
         self._esmtp = False
         self._reply(c.C250OK, "", self._s.hostname)
 
+    def _require_auth(self) -> None:
+        """On a submission listener, nothing is taken before AUTH."""
+        if self._s.submission and self._account is None:
+            raise Reply(C530AuthRequired, "5.7.0", "Authentication required")
+
     def _mail(self, arg: str) -> None:
         if self._helo is None:
             raise Reply(c.C503BadSequence, "5.5.1", "Send EHLO or HELO first")
         if self._delivery is not None:
             raise Reply(c.C503BadSequence, "5.5.1", "Sender already given (nested MAIL)")
+        self._require_auth()
         path = parse_path_argument(arg, "FROM", sender=True)
-        smtputf8 = False
-        for name, value in path.params.items():
+        options = self._mail_options(path.params)
+        require_ascii(path.address, options.smtputf8)
+        self._check_sender(path.address)
+        self._msgid = new_id()
+        self._delivery = self._f.agent.begin(path.address, self._msgid, options)
+        self._mail_from = path.address
+        self._smtputf8 = options.smtputf8
+        self._reply(c.C250OK, "2.1.0", "Sender OK")
+
+    def _mail_options(self, params: dict[str, str | None]) -> MailOptions:
+        """
+        The MAIL parameters: SIZE, BODY, SMTPUTF8, and on submission RET and ENVID.
+
+        @raise Reply: a bad or unknown parameter.
+        """
+        smtputf8 = eight_bit = False
+        envid: str | None = None
+        ret: Ret | None = None
+        for name, value in params.items():
             if not self._esmtp:
                 raise Reply(c.C555ParamsNotRecognized, "5.5.4", "No parameters after HELO")
             if name == "SIZE":
@@ -414,29 +542,67 @@ class SMTPServer(Protocol):
             elif name == "BODY":
                 if value is None or value.upper() not in ("7BIT", "8BITMIME"):
                     raise Reply(c.C501ParamSyntax, "5.5.4", "BODY must be 7BIT or 8BITMIME")
+                eight_bit = value.upper() == "8BITMIME"
             elif name == "SMTPUTF8":
                 if value is not None:
                     raise Reply(c.C501ParamSyntax, "5.5.4", "SMTPUTF8 takes no value")
                 smtputf8 = True
+            elif name == "RET" and self._s.submission:
+                ret = parse_ret(value)
+            elif name == "ENVID" and self._s.submission:
+                envid = parse_envid(value)
             else:
                 raise unknown_parameter(name)
-        require_ascii(path.address, smtputf8)
-        self._msgid = new_id()
-        self._delivery = self._f.agent.begin(path.address, self._msgid)
-        self._mail_from = path.address
-        self._smtputf8 = smtputf8
-        self._reply(c.C250OK, "2.1.0", "Sender OK")
+        return MailOptions(
+            account=self._account, envid=envid, ret=ret, smtputf8=smtputf8, eight_bit=eight_bit
+        )
+
+    def _check_sender(self, address: str) -> None:
+        """
+        On submission, the account must own the envelope sender; the null sender is never
+        the account's (bounces are ours to send).
+
+        @raise Reply: C{553 5.7.1}.
+        """
+        account = self._account
+        if account is None:
+            return
+        check = self._f.may_send_as
+        assert check is not None
+        if not address or not check(account, address):
+            raise Reply(
+                c.C553MailboxNameNotAllowed, "5.7.1", f"Sender address not owned by {account}"
+            )
+
+    def _rcpt_options(
+        self, params: dict[str, str | None]
+    ) -> tuple[frozenset[Notify] | None, str | None]:
+        """
+        The RCPT parameters: on submission NOTIFY and ORCPT (RFC 3461), nothing on port 25.
+
+        @raise Reply: a bad or unknown parameter.
+        """
+        notify: frozenset[Notify] | None = None
+        orcpt: str | None = None
+        for name, value in params.items():
+            if name == "NOTIFY" and self._s.submission:
+                notify = parse_notify(value)
+            elif name == "ORCPT" and self._s.submission:
+                orcpt = parse_orcpt(value)
+            else:
+                raise unknown_parameter(name)
+        return notify, orcpt
 
     def _rcpt(self, arg: str) -> None:
+        self._require_auth()
         if self._delivery is None:
             raise Reply(c.C503BadSequence, "5.5.1", "Need MAIL before RCPT")
         path = parse_path_argument(arg, "TO", sender=False)
-        for name in path.params:
-            raise unknown_parameter(name)
+        notify, orcpt = self._rcpt_options(path.params)
         require_ascii(path.address, self._smtputf8)
         if len(self._rcpts) >= self._s.max_recipients:
             raise Reply(c.C452InsufficientStorage, "4.5.3", "Too many recipients")
-        verdict = self._delivery.add_rcpt(path.address)
+        verdict = self._delivery.add_rcpt(path.address, notify, orcpt)
         if verdict is RcptVerdict.ACCEPT:
             self._rcpts.append(path.address)
             self._reply(c.C250OK, "2.1.5", "Recipient OK")
@@ -557,7 +723,9 @@ class SMTPServer(Protocol):
             helo=self._helo or "unknown",
             peer_ip=self.peer,
             hostname=self._s.hostname,
-            protocol=protocol_name(self._esmtp, self._tls, False, self._smtputf8),
+            protocol=protocol_name(
+                self._esmtp, self._tls, self._account is not None, self._smtputf8
+            ),
             message_id=self._msgid,
             recipient=self._rcpts[0] if len(self._rcpts) == 1 else None,
             now=self._clock.seconds(),
@@ -589,6 +757,10 @@ class SMTPServer(Protocol):
 
     def _committed(self, _: object) -> None:
         self._reset_transaction()
+        self._resume()
+
+    def _resume(self) -> None:
+        """A reply that waited on a Deferred is out: read and handle input again."""
         self._busy = False
         if self._mode == _CLOSED or self.transport is None:
             self._out = []
@@ -637,8 +809,112 @@ class SMTPServer(Protocol):
             "Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP STARTTLS",
         )
 
+    # -- AUTH (RFC 4954) --------------------------------------------------------------------
+
+    def _auth_allowed(self) -> bool:
+        return self._tls or self._s.allow_plaintext_auth
+
     def _auth(self, arg: str) -> None:
-        raise Reply(c.C502NotImplemented, "5.5.1", "AUTH not available on this port")
+        if not self._s.submission:
+            raise Reply(c.C502NotImplemented, "5.5.1", "AUTH not available on this port")
+        if self._helo is None or not self._esmtp:
+            raise Reply(c.C503BadSequence, "5.5.1", "Send EHLO first")
+        if self._account is not None:
+            raise Reply(c.C503BadSequence, "5.5.1", "Already authenticated")
+        if self._delivery is not None:
+            raise Reply(c.C503BadSequence, "5.5.1", "AUTH not allowed in a mail transaction")
+        if not self._auth_allowed():
+            raise Reply(C538EncryptionRequired, "5.7.11", "Encryption required")
+        words = arg.split()
+        if not 1 <= len(words) <= 2:
+            raise Reply(c.C501ParamSyntax, "5.5.4", "Syntax: AUTH mechanism [initial-response]")
+        auth = self._f.auth
+        assert auth is not None
+        mechanism = sasl.new_mechanism(words[0], auth.scram_credentials)
+        if mechanism is None:
+            raise Reply(c.C504ParamNotImplemented, "5.5.4", "Unrecognized authentication type")
+        self._sasl = mechanism
+        if len(words) == 1:
+            self._sasl_step(None)
+        else:
+            self._sasl_response(words[1].encode("ascii", "replace"))
+
+    def _end_sasl(self) -> None:
+        self._sasl = None
+        self._sasl_ack = None
+
+    def _sasl_response(self, line: bytes) -> None:
+        """One response line of an AUTH exchange (or an AUTH command's initial response)."""
+        if line == b"*":
+            self._end_sasl()
+            raise Reply(c.C501ParamSyntax, "5.7.0", "Authentication cancelled")
+        try:
+            data = b"" if line == b"=" else base64.b64decode(line, validate=True)
+        except (binascii.Error, ValueError):
+            self._end_sasl()
+            raise Reply(c.C501ParamSyntax, "5.5.2", "Invalid base64 in authentication response")
+        if self._sasl_ack is not None:
+            account = self._sasl_ack
+            self._end_sasl()
+            if data:
+                raise Reply(c.C501ParamSyntax, "5.5.2", "Expected an empty response")
+            self._authenticated(account)
+            return
+        self._sasl_step(data)
+
+    def _sasl_step(self, data: bytes | None) -> None:
+        mechanism = self._sasl
+        assert mechanism is not None
+        self._sasl = None  # an exception below ends the exchange
+        step = mechanism.respond(data)
+        if isinstance(step, sasl.Challenge):
+            self._sasl = mechanism
+            self._out.append(b"334 " + base64.b64encode(step.data) + b"\r\n")
+            return
+        auth = self._f.auth
+        assert auth is not None
+        if isinstance(step, sasl.Success):
+            if step.password is not None:
+                self._wait_login(auth.authenticate(self.peer, step.username, step.password))
+            else:
+                self._wait_login(auth.scram_login(self.peer, step.username, True), step.data)
+        elif step.kind == "credentials":
+            self._wait_login(auth.scram_login(self.peer, step.username or "", False))
+        elif step.kind == "malformed":
+            raise Reply(c.C501ParamSyntax, "5.5.2", "Malformed authentication response")
+        else:
+            raise Reply(C535AuthFailed, "5.7.8", "Authentication credentials invalid")
+
+    def _wait_login(self, d: Deferred[str], final: bytes | None = None) -> None:
+        """
+        Wait for a login's verdict with input paused, then answer it. With C{final} (SCRAM's
+        C{v=}) a success is sent as a last challenge, and the client's empty response to it
+        completes the login (RFC 4954 §4).
+        """
+        self._busy = True
+
+        def succeeded(account: str) -> None:
+            if final is None:
+                self._authenticated(account)
+            else:
+                self._sasl_ack = account
+                self._out.append(b"334 " + base64.b64encode(final) + b"\r\n")
+
+        def failed(f: Failure) -> None:
+            if f.check(Throttled):
+                self._reply(C454TempAuthFailure, "4.7.0", "Too many failed logins, try later")
+            elif f.check(LoginFailed):
+                self._reply(C535AuthFailed, "5.7.8", "Authentication credentials invalid")
+            else:
+                log.internal_error(self.session, self.peer, "AUTH", f)
+                self._reply(C454TempAuthFailure, "4.7.0", "Temporary authentication failure")
+
+        d.addCallbacks(succeeded, failed)
+        d.addBoth(lambda _: self._resume())
+
+    def _authenticated(self, account: str) -> None:
+        self._account = account
+        self._reply(C235AuthSucceeded, "2.7.0", "Authentication successful")
 
     def _starttls_available(self) -> bool:
         return (
@@ -667,6 +943,7 @@ class SMTPServer(Protocol):
         self._abort_transaction()
         self._helo = None
         self._esmtp = False
+        self._account = None  # RFC 3207 §4.2: nothing learnt before TLS is kept
 
 
 # The command table (a dispatch table, not getattr on a name the client sent).
@@ -686,6 +963,3 @@ _COMMANDS: dict[str, Callable[[SMTPServer, str], None]] = {
     "STARTTLS": SMTPServer._starttls,
     "AUTH": SMTPServer._auth,
 }
-
-
-__all__ = ["SMTPFactory", "SMTPServer", "SMTPSettings", "SessionTracker", "new_id"]
