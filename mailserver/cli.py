@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import os
 import sqlite3
 import sys
+import time
 from collections.abc import Callable, Sequence
 from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
@@ -27,6 +29,17 @@ from mailserver.directory import (
     normalize_alias_source,
     normalize_domain,
     open_directory,
+)
+from mailserver.queue.spool import (
+    ALL,
+    CorruptEntry,
+    QueueEntry,
+    RecipientState,
+    Spool,
+    UnknownEntry,
+    mark_due,
+    release_lock,
+    try_lock,
 )
 
 EX_USAGE = 2
@@ -138,6 +151,23 @@ def _add_config_commands(group: argparse._SubParsersAction[argparse.ArgumentPars
     p.add_argument("path", metavar="PATH", nargs="?", help="the file (or give --config)")
 
 
+def _add_queue_commands(group: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    queue = _subcommand(group, "queue", "inspect and manage the outbound queue").add_subparsers(
+        dest="action", metavar="ACTION", required=True
+    )
+    p = _subcommand(queue, "list", "list queued messages and their recipients")
+    p.set_defaults(run=_queue_list)
+    p = _subcommand(queue, "show", "show a queued message's envelope and headers")
+    p.add_argument("queue_id", metavar="ID")
+    p.set_defaults(run=_queue_show)
+    p = _subcommand(queue, "retry", "try a queued message (or all of them) again now")
+    p.add_argument("queue_id", metavar="ID", nargs="?", help="default: every message")
+    p.set_defaults(run=_queue_retry)
+    p = _subcommand(queue, "delete", "remove a queued message, without a notice to its sender")
+    p.add_argument("queue_id", metavar="ID")
+    p.set_defaults(run=_queue_delete)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the C{mailserver} command."""
     parser = argparse.ArgumentParser(
@@ -149,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_domain_commands(group)
     _add_alias_commands(group)
     _add_config_commands(group)
+    _add_queue_commands(group)
     return parser
 
 
@@ -311,6 +342,190 @@ def _run_directory_command(command: Command, args: argparse.Namespace, console: 
     return 0
 
 
+# -- the queue -------------------------------------------------------------------------------
+
+QUEUE_REQUEST_WAIT = 10.0
+"""Seconds C{queue retry|delete} waits for a running server to take its request."""
+
+QueueCommand = Callable[[Spool, argparse.Namespace, Console], None]
+
+
+def _run_queue_command(command: QueueCommand, args: argparse.Namespace, console: Console) -> int:
+    try:
+        config = _load_config(args.config)
+    except ConfigError as e:
+        for error in e.errors:
+            console.complain(error)
+        return EX_CONFIG
+    try:
+        command(Spool(config.server.data_dir / "queue"), args, console)
+    except CommandError as e:
+        console.complain(f"mailserver: {e}")
+        return 1
+    except OSError as e:
+        console.complain(f"mailserver: queue: {e}")
+        return 1
+    return 0
+
+
+def _queue_list(spool: Spool, args: argparse.Namespace, console: Console) -> None:
+    """One paragraph per message, like C{postqueue -p}."""
+    entries, bad = spool.scan()
+    for queue_id, reason in bad:
+        console.complain(f"mailserver: {queue_id}: unreadable envelope: {reason}")
+    if not entries:
+        console.say("Queue is empty")
+        return
+    console.say(f"{'Queue ID':<20} {'Size':>9}  {'Arrival time':<19}  Sender/Recipient")
+    for entry in entries:
+        arrival = _queue_time(entry.received)
+        sender = _printable(entry.sender)
+        console.say(f"{entry.queue_id:<20} {entry.size:>9}  {arrival}  <{sender}>")
+        for r in entry.recipients:
+            console.say(f"    <{_printable(r.address)}>  {_recipient_status(entry, r)}")
+            if r.code or r.text:
+                console.say(f"        last reply: {_last_reply(r)}")
+        console.say("")
+    total = sum(e.size for e in entries)
+    console.say(f"-- {len(entries)} message(s), {total} octets")
+
+
+def _queue_show(spool: Spool, args: argparse.Namespace, console: Console) -> None:
+    """The envelope in full, then the header block of the message."""
+    entry = _read_entry(spool, args.queue_id)
+    fields = [
+        ("Queue ID", entry.queue_id),
+        ("Sender", f"<{entry.sender}>"),
+        ("Arrival time", _queue_time(entry.received)),
+        ("Size", f"{entry.size} octets"),
+        ("Envelope ID", entry.envid or "(none)"),
+        ("RET", entry.ret or "(not given)"),
+        ("SMTPUTF8", "yes" if entry.smtputf8 else "no"),
+        ("8BITMIME", "yes" if entry.eight_bit else "no"),
+        ("Delay notice", "sent" if entry.delay_notified else "not sent"),
+    ]
+    for name, value in fields:
+        console.say(f"{name + ':':<14} {_printable(value)}")
+    for r in entry.recipients:
+        console.say(f"Recipient <{_printable(r.address)}>")
+        notify = "(default)" if r.rcpt.notify is None else ",".join(sorted(r.rcpt.notify))
+        console.say(f"    state:       {_recipient_status(entry, r)}")
+        console.say(f"    NOTIFY:      {notify}")
+        if r.rcpt.orcpt:
+            console.say(f"    ORCPT:       {_printable(r.rcpt.orcpt)}")
+        if r.code or r.text:
+            console.say(f"    last reply:  {_last_reply(r)}")
+        if r.notice:
+            console.say(f"    notice owed: {r.notice}")
+    console.say("")
+    try:
+        header = spool.header_block(entry.queue_id)
+    except FileNotFoundError:
+        raise CommandError(f"{entry.queue_id}: the message file is missing")
+    for line in header.decode("utf-8", "replace").split("\r\n"):
+        if line:
+            console.say(_printable(line))
+
+
+def _queue_retry(spool: Spool, args: argparse.Namespace, console: Console) -> None:
+    queue_id: str | None = args.queue_id
+    if queue_id is not None:
+        _read_entry(spool, queue_id)
+    elif not spool.root.is_dir():
+        console.say("Queue is empty")
+        return
+    fd = try_lock(spool.lock_path)
+    if fd is None:
+        _ask_server(spool, "retry", queue_id or ALL)
+        console.say(
+            f"{queue_id}: the server is trying it now"
+            if queue_id
+            else "the server is trying every queued message now"
+        )
+        return
+    try:
+        entries = [_read_entry(spool, queue_id)] if queue_id else spool.scan()[0]
+        mark_due(entries, time.time())
+        for entry in entries:
+            spool.save(entry)
+    finally:
+        release_lock(fd)
+    what = queue_id if queue_id else f"{len(entries)} message(s)"
+    console.say(f"{what}: due now; no server is running, so at its next start")
+
+
+def _queue_delete(spool: Spool, args: argparse.Namespace, console: Console) -> None:
+    queue_id: str = args.queue_id
+    _read_entry(spool, queue_id)
+    fd = try_lock(spool.lock_path)
+    if fd is None:
+        _ask_server(spool, "delete", queue_id)
+        if spool.exists(queue_id):
+            raise CommandError(f"{queue_id}: the server did not delete it")
+    else:
+        try:
+            spool.remove(queue_id)
+        finally:
+            release_lock(fd)
+    console.say(f"{queue_id}: deleted")
+
+
+def _read_entry(spool: Spool, queue_id: str) -> QueueEntry:
+    try:
+        return spool.read(queue_id)
+    except UnknownEntry:
+        raise CommandError(f"no queue entry {queue_id}")
+    except CorruptEntry as e:
+        raise CommandError(f"{queue_id}: unreadable envelope: {e}")
+
+
+def _ask_server(spool: Spool, action: str, target: str) -> None:
+    """
+    Leave a request for the running server and wait (at most L{QUEUE_REQUEST_WAIT}) until it
+    has acted on it (it unlinks the request then).
+
+    @raise CommandError: it did not; the request is withdrawn.
+    """
+    path = spool.write_request(action, target)
+    deadline = time.monotonic() + QUEUE_REQUEST_WAIT
+    while os.path.lexists(path):
+        if time.monotonic() >= deadline:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                return  # taken at the last moment
+            raise CommandError(
+                f"the server did not take the request within {QUEUE_REQUEST_WAIT:g} s; "
+                "nothing was done"
+            )
+        time.sleep(0.05)
+
+
+def _recipient_status(entry: QueueEntry, r: RecipientState) -> str:
+    if r.state != "pending":
+        return r.state + (" (expired)" if r.expired else "")
+    state = entry.domains.get(r.domain)
+    if state is None:
+        return "pending"
+    return f"pending, attempts {state.attempts}, next try {_queue_time(state.next_try)}"
+
+
+def _last_reply(r: RecipientState) -> str:
+    reply = f"{r.code} {r.text}" if r.code else r.text
+    return _printable(reply + (f" (from {r.host})" if r.host else ""))
+
+
+def _queue_time(t: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+
+
+def _printable(text: str) -> str:
+    """C{text} with control characters escaped (headers and replies come from strangers)."""
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() or ch == "\t" else repr(ch)[1:-1] for ch in text)
+
+
 def main(
     argv: Sequence[str] | None = None,
     *,
@@ -339,6 +554,8 @@ def main(
     try:
         if args.command == "config":
             return _config_check(args, console)
+        if args.command == "queue":
+            return _run_queue_command(args.run, args, console)
         return _run_directory_command(args.run, args, console)
     except KeyboardInterrupt:
         console.complain("mailserver: interrupted")

@@ -195,6 +195,17 @@ def notice_sent(queue_id: str, kind: str, to: str, notice_id: str) -> None:
     )
 
 
+def notice_undeliverable(notice_id: str, recipient: str) -> None:
+    """A notice for a local address that nobody receives (any more) was dropped."""
+    _emit(
+        LogLevel.warn,
+        "queue.notice_dropped",
+        "notice {notice_id} to=<{recipient}> dropped: no such local recipient",
+        notice_id=notice_id,
+        recipient=recipient,
+    )
+
+
 def queue_removed(queue_id: str, reason: str) -> None:
     """An entry left the queue: C{reason} is delivered, bounced, expired or deleted."""
     _emit(
@@ -309,3 +320,29 @@ def observer() -> ILogObserver:
     else:
         inner = textFileLogObserver(out)
     return FilteringLogObserver(inner, [LogLevelFilterPredicate(LogLevel.info)])
+
+
+def queue_corrupt(queue_id: str, reason: str) -> None:
+    """A queue entry could not be read at start and was moved to C{queue/corrupt/}."""
+    _emit(
+        LogLevel.error,
+        "queue.corrupt",
+        "queueid={queue_id} moved to queue/corrupt: {reason}",
+        queue_id=queue_id,
+        reason=reason,
+    )
+
+
+def queue_error(failure: Failure, queue_id: str, what: str) -> None:
+    """
+    Something failed in the queue that should not have (a spool write, a notice hand-over);
+    the entry stays queued and is tried again later. Returns None, so it can end an errback
+    chain: C{d.addErrback(log.queue_error, queue_id, "what")}.
+    """
+    _log.failure(
+        "queueid={queue_id} error while {what}",
+        failure,
+        event="queue.error",
+        queue_id=queue_id,
+        what=what,
+    )

@@ -6,14 +6,26 @@ import io
 import os
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
+from twisted.internet.defer import succeed
+from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import SynchronousTestCase
 
 import mailserver
+from mailserver import cli
 from mailserver import config as configmodule
 from mailserver.cli import EX_CONFIG, main
+from mailserver.config import QueueConfig
 from mailserver.directory import SQLiteDirectory, open_directory
+from mailserver.queue.model import QueuedRecipient, Submission
+from mailserver.queue.service import QueueService
+from mailserver.queue.spool import QueueEntry, Spool, release_lock, try_lock
+from mailserver.store.body import MessageBody
 
 PASSWORD = "Correct-Horse-9"
 
@@ -436,3 +448,202 @@ class ConsoleScriptTests(SynchronousTestCase):
         done = run("user", "add", "bob@example.net", "--password-stdin", stdin=PASSWORD)
         self.assertEqual(done.returncode, 1)
         self.assertIn("mailserver domain add example.net", done.stderr)
+
+
+class QueueCommandTests(CLITestCase):
+    """C{mailserver queue list|show|retry|delete} against a spool in the data directory."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.spool = Spool(self.data_dir / "queue")
+
+    def queue(self, queue_id: str, *addresses: str, received: float = 1_700_000_000.0) -> None:
+        """Put an entry in the spool, its first domain deferred twice."""
+        self.spool.prepare()
+        recipients = tuple(QueuedRecipient(a) for a in addresses or ("bob@example.net",))
+        entry = QueueEntry.from_submission(
+            Submission(queue_id, "alice@example.org", recipients, received, envid="e-1"),
+            received,
+        )
+        first = entry.recipients[0]
+        first.code, first.text, first.host = 451, "4.3.0 try later", "mx.example.net[192.0.2.1]"
+        entry.domains[first.domain].attempts = 2
+        entry.domains[first.domain].next_try = received + 360
+        body = MessageBody()
+        body.append(b"Subject: lunch\r\nX-Evil: \x1b[31mred\r\n\r\nShall we?\r\n")
+        self.spool.store(entry, b"Received: by mail.example.org\r\n", body)
+
+    def hold_lock(self) -> None:
+        """Play a live server: hold the queue's lock."""
+        self.spool.prepare()
+        fd = try_lock(self.spool.lock_path)
+        assert fd is not None
+        self.addCleanup(release_lock, fd)
+
+    def serve(self, act: Callable[[str, str], object]) -> threading.Thread:
+        """Play a live server in a thread: act on the first control request, then unlink it."""
+
+        def run() -> None:
+            for _ in range(200):
+                for name, action, target in self.spool.requests():
+                    act(action, target)
+                    self.spool.finish_request(name)
+                    return
+                time.sleep(0.01)
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        self.addCleanup(thread.join)
+        return thread
+
+    def test_list_empty(self) -> None:
+        """An empty queue (or none yet) says so and exits 0."""
+        self.assertEqual(self.ok("queue", "list"), "Queue is empty\n")
+        self.spool.prepare()
+        self.assertEqual(self.ok("queue", "list"), "Queue is empty\n")
+
+    def test_list(self) -> None:
+        """One paragraph per message: id, size, arrival, sender, then each recipient."""
+        self.queue("q1", "bob@example.net", "carol@example.com")
+        self.queue("q2", received=1_700_000_100.0)
+        out = self.ok("queue", "list")
+        lines = out.splitlines()
+        self.assertTrue(lines[1].startswith("q1 "), out)
+        self.assertIn("<alice@example.org>", lines[1])
+        self.assertIn(str(self.spool.read("q1").size), lines[1])
+        self.assertIn("<bob@example.net>  pending, attempts 2, next try ", lines[2])
+        self.assertEqual(
+            lines[3].strip(), "last reply: 451 4.3.0 try later (from mx.example.net[192.0.2.1])"
+        )
+        self.assertIn("<carol@example.com>  pending, attempts 0", lines[4])
+        self.assertIn("q2 ", out)
+        self.assertTrue(lines[-1].startswith("-- 2 message(s), "), out)
+
+    def test_list_reports_unreadable(self) -> None:
+        """An unreadable envelope is named on stderr; the others are listed."""
+        self.queue("q1")
+        (self.spool.root / "bad.env").write_bytes(b"{")
+        result = self.cli("queue", "list")
+        self.assertEqual(result.code, 0)
+        self.assertIn("q1", result.out)
+        self.assertIn("bad: unreadable envelope", result.err)
+
+    def test_show(self) -> None:
+        """The envelope in full and the message's header block, control characters escaped."""
+        self.queue("q1")
+        out = self.ok("queue", "show", "q1")
+        for text in (
+            "Queue ID:      q1",
+            "Sender:        <alice@example.org>",
+            "Envelope ID:   e-1",
+            "Recipient <bob@example.net>",
+            "NOTIFY:      (default)",
+            "last reply:  451 4.3.0 try later (from mx.example.net[192.0.2.1])",
+            "Received: by mail.example.org",
+            "Subject: lunch",
+            "X-Evil: \\x1b[31mred",
+        ):
+            self.assertIn(text, out)
+        self.assertNotIn("Shall we?", out)
+        self.assertNotIn("\x1b", out)
+
+    def test_unknown_id(self) -> None:
+        """An unknown (or unsafe) id is an error on stderr, exit 1, for every command."""
+        self.queue("q1")
+        for argv in (("show", "nope"), ("retry", "nope"), ("delete", "nope"), ("show", "../x")):
+            err = self.fails(1, "queue", *argv)
+            self.assertIn("no queue entry", err)
+        self.assertTrue(self.spool.exists("q1"))
+
+    def test_retry_without_server(self) -> None:
+        """With no server running, retry marks the entry due now in the spool itself."""
+        self.queue("q1")
+        before = time.time()
+        out = self.ok("queue", "retry", "q1")
+        self.assertIn("q1: due now", out)
+        state = self.spool.read("q1").domains["example.net"]
+        self.assertGreaterEqual(state.next_try, before)
+        self.assertLessEqual(state.next_try, time.time())
+        self.assertEqual(state.attempts, 2)
+
+    def test_retry_all_without_server(self) -> None:
+        """C{retry} without an id marks every entry due."""
+        self.queue("q1")
+        self.queue("q2")
+        self.assertIn("2 message(s): due now", self.ok("queue", "retry"))
+        for q in ("q1", "q2"):
+            self.assertLessEqual(self.spool.read(q).domains["example.net"].next_try, time.time())
+
+    def test_delete_without_server(self) -> None:
+        """With no server running, delete removes the entry's files."""
+        self.queue("q1")
+        self.assertEqual(self.ok("queue", "delete", "q1"), "q1: deleted\n")
+        self.assertEqual(sorted(os.listdir(self.spool.root)), [".lock", "control", "corrupt"])
+
+    def test_retry_with_server(self) -> None:
+        """With a live server, retry leaves a request and reports once the server took it."""
+        self.queue("q1")
+        self.hold_lock()
+        seen: list[tuple[str, str]] = []
+        self.serve(lambda action, target: seen.append((action, target)))
+        self.assertIn("q1: the server is trying it now", self.ok("queue", "retry", "q1"))
+        self.assertEqual(seen, [("retry", "q1")])
+        self.serve(lambda action, target: seen.append((action, target)))
+        self.assertIn("every queued message", self.ok("queue", "retry"))
+        self.assertEqual(seen[-1], ("retry", "ALL"))
+
+    def test_delete_with_server(self) -> None:
+        """With a live server, delete asks it and reports the entry gone."""
+        self.queue("q1")
+        self.hold_lock()
+        self.serve(lambda action, target: self.spool.remove(target))
+        self.assertEqual(self.ok("queue", "delete", "q1"), "q1: deleted\n")
+        self.assertFalse(self.spool.exists("q1"))
+
+    def test_server_not_answering(self) -> None:
+        """A server that does not take the request in time: error, request withdrawn."""
+        self.queue("q1")
+        self.hold_lock()
+        self.patch(cli, "QUEUE_REQUEST_WAIT", 0.2)
+        err = self.fails(1, "queue", "delete", "q1")
+        self.assertIn("did not take the request", err)
+        self.assertEqual(self.spool.requests(), [])
+        self.assertTrue(self.spool.exists("q1"))
+
+    def test_delete_with_queue_service(self) -> None:
+        """The CLI's request is carried out by a real L{QueueService} holding the lock."""
+        from tests.test_queue_service import FakeOutbound, FakePool, FakeReactor
+
+        self.queue("q1", received=0.0)
+        reactor = FakeReactor()
+        outbound = FakeOutbound()
+        outbound.policy = None
+        service = QueueService(
+            self.spool.root,
+            QueueConfig(),
+            outbound,
+            lambda i, r, m: succeed(None),
+            "mail.example.org",
+            reactor,
+            cast(ThreadPool, FakePool()),
+        )
+        service.startService()
+
+        def stop() -> None:
+            service.stopService()
+            reactor.advance(30)  # the grace period for the attempt left in flight
+
+        self.addCleanup(stop)
+        results: list[Result] = []
+        thread = threading.Thread(target=lambda: results.append(self.cli("queue", "delete", "q1")))
+        thread.start()
+        for _ in range(400):
+            if not thread.is_alive():
+                break
+            reactor.advance(1)
+            time.sleep(0.01)
+        thread.join()
+        [result] = results
+        self.assertEqual((result.code, result.out), (0, "q1: deleted\n"))
+        self.assertIsNone(service.entry("q1"))
+        self.assertFalse(self.spool.exists("q1"))
