@@ -23,11 +23,14 @@ from typing_extensions import override
 from mailserver import log
 from mailserver.auth import Authenticator
 from mailserver.config import Config, ListenerConfig
-from mailserver.delivery import LocalDeliveryAgent
+from mailserver.delivery import LocalDeliveryAgent, NoticeRouter, SubmissionAgent
 from mailserver.directory import SQLiteDirectory, open_directory
+from mailserver.dns import Resolver
 from mailserver.imap.server import IMAPFactory, IMAPSettings
 from mailserver.limits import AuthThrottle, ConnectionLimiter
 from mailserver.pop3.server import MailboxLocks, OpenMailbox, POP3Factory, POP3Settings
+from mailserver.queue.delivery import Outbound
+from mailserver.queue.service import QueueService
 from mailserver.sessions import SessionTracker
 from mailserver.smtp.server import SMTPFactory, SMTPSettings
 from mailserver.store.durable import atomic_write, make_dirs_durably
@@ -103,8 +106,10 @@ class MailService(MultiService):
         grace: float,
         tls: ServerTLS | None,
         mailboxes: MailboxStore,
+        queue: QueueService,
     ) -> None:
         super().__init__()
+        self.queue = queue
         self._clock = clock
         self.pool = pool
         self.directory = directory
@@ -116,6 +121,7 @@ class MailService(MultiService):
     @override
     def startService(self) -> None:
         self.pool.start()
+        self.queue.startService()
         super().startService()
 
     @override
@@ -129,6 +135,8 @@ class MailService(MultiService):
         try:
             await super().stopService()
             await self.tracker.drain(self._clock, self._grace)
+            # After the sessions: a message they finish is still queued (and kept).
+            await self.queue.stopService()
         finally:
             self.pool.stop()
             self.mailboxes.close()
@@ -186,7 +194,34 @@ def build(config: Config, reactor: Any) -> MailService:
     authenticator = Authenticator(directory, reactor, pool, throttle, server.domain)
     pop3_locks = MailboxLocks()
     tracker = SessionTracker()
-    root = MailService(reactor, pool, directory, tracker, server.shutdown_grace, tls, mailboxes)
+    spill = data_dir / "tmp"
+    resolver = Resolver(reactor, config.dns.nameservers, config.dns.timeout)
+    outbound = Outbound(
+        reactor, resolver, config.queue, server.hostname, config.routes, config.relay
+    )
+    queue: QueueService | None = None
+
+    def the_queue() -> QueueService:
+        assert queue is not None
+        return queue
+
+    notices = NoticeRouter(directory, store, the_queue, reactor, spill, notify=mailboxes.delivered)
+    queue = QueueService(
+        data_dir / "queue",
+        config.queue,
+        outbound,
+        notices.send,
+        server.hostname,
+        reactor,
+        pool,
+        grace=server.shutdown_grace,
+    )
+    submission = SubmissionAgent(
+        directory, store, queue, reactor, spill, notify=mailboxes.delivered
+    )
+    root = MailService(
+        reactor, pool, directory, tracker, server.shutdown_grace, tls, mailboxes, queue
+    )
 
     for listener in config.listeners:
         starttls = tls if listener.tls == "starttls" else None
@@ -212,6 +247,17 @@ def build(config: Config, reactor: Any) -> MailService:
                 starttls,
                 tracker,
             )
+        elif listener.kind == "submission":
+            factory = SMTPFactory(
+                _smtp_settings(config, listener),
+                submission,
+                reactor,
+                limiter,
+                tracker,
+                starttls,
+                auth=authenticator,
+                may_send_as=directory.may_send_as,
+            )
         else:
             settings = _smtp_settings(config, listener)
             factory = SMTPFactory(settings, agent, reactor, limiter, tracker, starttls)
@@ -232,6 +278,8 @@ def _smtp_settings(config: Config, listener: ListenerConfig) -> SMTPSettings:
         max_recipients=limits.recipients,
         idle_timeout=limits.smtp_idle_timeout,
         max_errors=limits.smtp_errors,
+        submission=listener.kind == "submission",
+        allow_plaintext_auth=listener.allow_plaintext_auth,
     )
 
 

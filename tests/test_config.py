@@ -258,9 +258,112 @@ class POP3AndAuthLimitsTests(SynchronousTestCase):
         self.assertEqual(dataclasses.replace(again, source=cfg.source), cfg)
 
 
+class OutboundConfigTests(SynchronousTestCase):
+    def test_defaults(self) -> None:
+        """No [dns], [relay], [queue], [[route]]: resolv.conf, no smarthost, the DESIGN backoff."""
+        cfg = c.parse(MINIMAL)
+        self.assertEqual(cfg.dns.nameservers, ())
+        self.assertEqual(cfg.relay.host, "")
+        self.assertEqual(cfg.routes, ())
+        self.assertEqual(cfg.queue.retry, (60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0))
+        self.assertEqual(cfg.queue.expire, 5 * 86400.0)
+        self.assertEqual(cfg.queue.delay_notice, 4 * 3600.0)
+        self.assertEqual(cfg.queue.mx_port, 25)
+
+    def test_sections_parse(self) -> None:
+        """Name servers with ports, routes (domain lower-cased), smarthost, queue durations."""
+        cfg = c.parse(
+            MINIMAL
+            + """
+[dns]
+nameservers = ["127.0.0.1:5353", "[::1]:53", "192.0.2.53"]
+timeout = "3s"
+
+[[route]]
+domain = "Partner.Example."
+host = "[127.0.0.1]:2526"
+tls = "none"
+
+[relay]
+host = "[smtp.provider.example]:587"
+user = "me"
+password_file = "relay-password"
+
+[queue]
+retry = ["30s", "2m"]
+expire = "1d"
+delay_notice = 0
+connections_per_domain = 3
+mx_port = 2525
+""",
+            base_dir=Path("/srv"),
+        )
+        self.assertEqual(cfg.dns.nameservers, ("127.0.0.1:5353", "[::1]:53", "192.0.2.53"))
+        self.assertEqual(cfg.dns.timeout, 3.0)
+        self.assertEqual(
+            cfg.routes, (c.RouteConfig("partner.example", "[127.0.0.1]:2526", "none"),)
+        )
+        self.assertEqual(cfg.relay.password_file, Path("/srv/relay-password"))
+        self.assertEqual(cfg.queue.retry, (30.0, 120.0))
+        self.assertEqual(cfg.queue.expire, 86400.0)
+        self.assertEqual(cfg.queue.delay_notice, 0.0)
+        self.assertEqual(cfg.queue.connections_per_domain, 3)
+        self.assertEqual(cfg.queue.mx_port, 2525)
+        again = c.parse(c.render(cfg), base_dir=Path("/elsewhere"))
+        self.assertEqual(dataclasses.replace(again, source=cfg.source), cfg)
+
+    def test_bad_values_refused(self) -> None:
+        """Bad hops, name servers, routes twice, a user without a password file: all named."""
+        with self.assertRaises(c.ConfigError) as caught:
+            c.parse(
+                MINIMAL
+                + """
+[dns]
+nameservers = ["ns.example.org"]
+
+[[route]]
+domain = "a.example"
+host = "[127.0.0.1"
+
+[[route]]
+domain = "c.example"
+host = "x:99999"
+
+[[route]]
+domain = "b.example"
+host = "y"
+
+[[route]]
+domain = "B.example"
+host = "z"
+
+[relay]
+user = "me"
+tls = "maybe"
+
+[queue]
+retry = []
+mx_port = 70000
+"""
+            )
+        text = "\n".join(caught.exception.errors)
+        for key in (
+            "dns.nameservers",
+            "route[0].host",
+            "route[1].host",
+            "route[3].domain",
+            "relay.tls",
+            "queue.retry",
+            "queue.mx_port",
+        ):
+            self.assertIn(key, text)
+        self.assertNotIn("route[2]", text)
+        self.assertNotIn("relay.user", text)
+
+
 class EmbeddedDefaultTests(SynchronousTestCase):
     def test_embedded_default(self) -> None:
-        """No file: domain localhost, data under ./var, SMTP, POP3, IMAP on high loopback ports."""
+        """No file: domain localhost, data under ./var, every protocol on high loopback ports."""
         cwd = Path(self.mktemp()).absolute()
         cfg = c.embedded_default(cwd)
         self.assertEqual(cfg.server.domain, "localhost")
@@ -269,6 +372,8 @@ class EmbeddedDefaultTests(SynchronousTestCase):
             [(lst.kind, lst.endpoint, lst.tls) for lst in cfg.listeners],
             [
                 ("smtp", "tcp:2525:interface=127.0.0.1", "starttls"),
+                ("submission", "tcp:2587:interface=127.0.0.1", "starttls"),
+                ("submission", "tcp:2465:interface=127.0.0.1", "implicit"),
                 ("pop3", "tcp:2110:interface=127.0.0.1", "starttls"),
                 ("pop3", "tcp:2995:interface=127.0.0.1", "implicit"),
                 ("imap", "tcp:2143:interface=127.0.0.1", "starttls"),
@@ -294,6 +399,8 @@ class ExampleFileTests(SynchronousTestCase):
         """etc/mailserver.toml parses, and the values it shows are the real defaults."""
         cfg = c.load(EXAMPLE)
         self.assertEqual(cfg.limits, c.LimitsConfig())
+        self.assertEqual(cfg.queue, c.QueueConfig())
+        self.assertEqual(cfg.dns, c.DNSConfig())
         defaults = c.ServerConfig()
         self.assertEqual(cfg.server.io_threads, defaults.io_threads)
         self.assertEqual(cfg.server.shutdown_grace, defaults.shutdown_grace)
@@ -301,6 +408,15 @@ class ExampleFileTests(SynchronousTestCase):
     def test_example_config_documents_every_option(self) -> None:
         """Every key of every section appears in etc/mailserver.toml."""
         text = EXAMPLE.read_text()
-        for cls in (c.ServerConfig, c.TLSConfig, c.ListenerConfig, c.LimitsConfig):
+        for cls in (
+            c.ServerConfig,
+            c.TLSConfig,
+            c.ListenerConfig,
+            c.LimitsConfig,
+            c.DNSConfig,
+            c.RouteConfig,
+            c.RelayConfig,
+            c.QueueConfig,
+        ):
             for f in dataclasses.fields(cls):
                 self.assertIn(f"{f.name} ", text, f"{cls.__name__}.{f.name} not documented")
