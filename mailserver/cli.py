@@ -1,6 +1,6 @@
 # -*- test-case-name: tests.test_cli -*-
 """
-The admin command line: C{mailserver user|domain|alias|config ...}.
+The admin command line: C{mailserver user|domain|alias|sender|queue|config ...}.
 
 It changes the directory database directly; a running server sees the changes at its next
 look-up. Passwords are read from a prompt or, with C{--password-stdin}, from standard input,
@@ -143,6 +143,23 @@ def _add_alias_commands(group: argparse._SubParsersAction[argparse.ArgumentParse
     p.set_defaults(run=_alias_list)
 
 
+def _add_sender_commands(group: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    senders = _subcommand(
+        group, "sender", "extra addresses an account may send as (submission)"
+    ).add_subparsers(dest="action", metavar="ACTION", required=True)
+    p = _subcommand(senders, "add", "let an account send as another address")
+    p.add_argument("account", metavar="ACCOUNT", help="local@domain of an existing account")
+    p.add_argument("address", metavar="ADDRESS", help="an address, or @domain for all of it")
+    p.set_defaults(run=_sender_add)
+    p = _subcommand(senders, "del", "take such a permission back")
+    p.add_argument("account", metavar="ACCOUNT")
+    p.add_argument("address", metavar="ADDRESS")
+    p.set_defaults(run=_sender_del)
+    p = _subcommand(senders, "list", "list the extra sender addresses")
+    p.add_argument("account", metavar="ACCOUNT", nargs="?", help="only this account's")
+    p.set_defaults(run=_sender_list)
+
+
 def _add_config_commands(group: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     configs = _subcommand(group, "config", "configuration file").add_subparsers(
         dest="action", metavar="ACTION", required=True
@@ -178,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_user_commands(group)
     _add_domain_commands(group)
     _add_alias_commands(group)
+    _add_sender_commands(group)
     _add_config_commands(group)
     _add_queue_commands(group)
     return parser
@@ -298,6 +316,25 @@ def _alias_del(directory: SQLiteDirectory, args: argparse.Namespace, console: Co
 def _alias_list(directory: SQLiteDirectory, args: argparse.Namespace, console: Console) -> None:
     for source, target in directory.list_aliases():
         console.say(f"{source} -> {target}")
+
+
+def _sender_add(directory: SQLiteDirectory, args: argparse.Namespace, console: Console) -> None:
+    directory.add_sender(args.account, args.address)
+    console.say(_show_sender(args.account, "may now send as", args.address))
+
+
+def _sender_del(directory: SQLiteDirectory, args: argparse.Namespace, console: Console) -> None:
+    directory.remove_sender(args.account, args.address)
+    console.say(_show_sender(args.account, "may no longer send as", args.address))
+
+
+def _sender_list(directory: SQLiteDirectory, args: argparse.Namespace, console: Console) -> None:
+    for account, address in directory.list_senders(args.account):
+        console.say(f"{account} -> {address}")
+
+
+def _show_sender(account: str, verb: str, address: str) -> str:
+    return f"{normalize_address(account)} {verb} {normalize_alias_source(address)}"
 
 
 def _show_alias(source: str, target: str) -> str:

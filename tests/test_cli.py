@@ -322,6 +322,43 @@ class AliasTests(CLITestCase):
         self.assertEqual(err, "mailserver: domain example.net does not exist\n")
 
 
+class SenderTests(CLITestCase):
+    """C{mailserver sender ...}: extra addresses an account may submit mail as."""
+
+    def test_add_list_del_and_effect(self) -> None:
+        """Entries are added, listed, removed, and the directory's sender check follows them."""
+        self.with_domain()
+        self.ok("user", "add", "alice@example.org", "--password-stdin", stdin=PASSWORD + "\n")
+        self.ok("user", "add", "bob@example.org", "--password-stdin", stdin=PASSWORD + "\n")
+        self.assertEqual(
+            self.ok("sender", "add", "Alice@example.org", "Board@Elsewhere.example"),
+            "alice@example.org may now send as board@elsewhere.example\n",
+        )
+        self.ok("sender", "add", "bob@example.org", "@lists.example")
+        self.assertEqual(
+            self.ok("sender", "list"),
+            "alice@example.org -> board@elsewhere.example\nbob@example.org -> @lists.example\n",
+        )
+        self.assertEqual(
+            self.ok("sender", "list", "bob@example.org"), "bob@example.org -> @lists.example\n"
+        )
+        directory = self.directory()
+        self.assertTrue(directory.may_send_as("alice@example.org", "board@elsewhere.example"))
+        self.assertTrue(directory.may_send_as("bob@example.org", "any@lists.example"))
+        self.assertFalse(directory.may_send_as("bob@example.org", "board@elsewhere.example"))
+        self.assertEqual(
+            self.ok("sender", "del", "alice@example.org", "board@elsewhere.example"),
+            "alice@example.org may no longer send as board@elsewhere.example\n",
+        )
+        self.assertFalse(directory.may_send_as("alice@example.org", "board@elsewhere.example"))
+
+    def test_unknown_account_refused(self) -> None:
+        """An entry for an account that does not exist is an error (exit 1)."""
+        self.with_domain()
+        err = self.fails(1, "sender", "add", "nobody@example.org", "x@example.net")
+        self.assertIn("nobody@example.org", err)
+
+
 class ConfigOptionTests(CLITestCase):
     """Where C{--config} goes, and what happens without it or with a bad file."""
 
