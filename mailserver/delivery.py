@@ -13,6 +13,7 @@ only when all of it is durable.
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from zope.interface import implementer
 from mailserver import log
 from mailserver.interfaces import IDelivery, IDeliveryAgent, IDirectory, IMailStore, IQueue
 from mailserver.policy.relay import RcptVerdict, check_inbound_rcpt, check_submission_rcpt
+from mailserver.queue import dsn
 from mailserver.queue.model import MailOptions, Notify, QueuedRecipient, Submission
 from mailserver.store.body import MessageBody
 
@@ -54,6 +56,10 @@ def _deliver_locally(
         return [account for account, _ in targets]
 
     return store.deliver(targets, body).addCallback(delivered)
+
+
+_NOTICE_HEADER_READ = 1024 * 1024
+"""A "delivered" notice returns the headers of messages up to this size (none beyond)."""
 
 
 @implementer(IDelivery)
@@ -161,6 +167,7 @@ class SubmissionDelivery:
         self._options = options
         self._accounts: dict[str, None] = {}  # ordered set
         self._remote: dict[str, QueuedRecipient] = {}
+        self._success: dict[str, QueuedRecipient] = {}  # local, NOTIFY=SUCCESS
         self._body = MessageBody(agent.spill_dir)
 
     @property
@@ -176,6 +183,8 @@ class SubmissionDelivery:
         if accounts:
             for account in accounts:
                 self._accounts[account] = None
+            if notify is not None and "SUCCESS" in notify and self._mail_from:
+                self._success[address] = QueuedRecipient(address, notify, orcpt)
         elif address not in self._remote:
             self._remote[address] = QueuedRecipient(address, notify, orcpt)
         return verdict
@@ -215,10 +224,56 @@ class SubmissionDelivery:
             if agent.notify is not None:
                 for account in self._accounts:
                     agent.notify(account)
+            if delivered_notice is not None:
+                self._send_notice(delivered_notice)
             done.callback(None)
 
+        # Composed now, while the body is at hand; sent once the 250 is due.
+        delivered_notice = self._delivered_notice() if self._success else None
         DeferredList(work, consumeErrors=True).addCallback(finished)
         return done
+
+    def _delivered_notice(self) -> bytes:
+        """The RFC 3464 "delivered" notice for the local recipients that asked for one."""
+        agent = self._agent
+        head = self._body.read() if self._body.size <= _NOTICE_HEADER_READ else b""
+        options = self._options
+        original = dsn.Original(
+            queue_id=self._message_id,
+            sender=self._mail_from,
+            received=agent.clock.seconds(),
+            envid=options.envid,
+            ret=options.ret,
+            smtputf8=options.smtputf8,
+        )
+        reports = [
+            dsn.Report(r.address, "delivered", "2.0.0", orcpt=r.orcpt)
+            for r in self._success.values()
+        ]
+        return dsn.compose(
+            "delivered",
+            original,
+            reports,
+            dsn.header_section(head),
+            None,
+            hostname=agent.hostname,
+            notice_id=self._notice_id(),
+            now=agent.clock.seconds(),
+        )
+
+    def _notice_id(self) -> str:
+        return f"{self._message_id}.d{secrets.token_hex(3)}"
+
+    def _send_notice(self, notice: bytes) -> None:
+        send = self._agent.notices
+        if send is None:
+            return
+        notice_id = self._notice_id()
+        d = send(notice_id, self._mail_from, notice)
+        d.addCallbacks(
+            lambda _: log.notice_sent(self._message_id, "delivered", self._mail_from, notice_id),
+            lambda f: log.queue_error(f, self._message_id, "delivered notice"),
+        )
 
     def abort(self) -> None:
         self._body.close()
@@ -236,13 +291,23 @@ class SubmissionAgent:
         clock: IReactorTime,
         spill_dir: Path | None,
         notify: Callable[[str], None] | None = None,
+        notices: Callable[[str, str, bytes], Deferred[None]] | None = None,
+        hostname: str = "localhost",
     ) -> None:
+        """
+        @param notify: told each account that got a message (IMAP IDLE).
+        @param notices: sends a delivery status notice C{(notice_id, recipient, message)}
+            (L{NoticeRouter.send}): the "delivered" notices of NOTIFY=SUCCESS.
+        @param hostname: our name in notices.
+        """
         self.directory = directory
         self.store = store
         self.queue = queue
         self.clock = clock
         self.spill_dir = spill_dir
         self.notify = notify
+        self.notices = notices
+        self.hostname = hostname
 
     def begin(
         self, mail_from: str, message_id: str, options: MailOptions | None = None

@@ -217,7 +217,14 @@ def build(config: Config, reactor: Any) -> MailService:
         grace=server.shutdown_grace,
     )
     submission = SubmissionAgent(
-        directory, store, queue, reactor, spill, notify=mailboxes.delivered
+        directory,
+        store,
+        queue,
+        reactor,
+        spill,
+        notify=mailboxes.delivered,
+        notices=notices.send,
+        hostname=server.hostname,
     )
     root = MailService(
         reactor, pool, directory, tracker, server.shutdown_grace, tls, mailboxes, queue

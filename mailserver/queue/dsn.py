@@ -33,7 +33,7 @@ HEADER_LIMIT = 256 * 1024
 """The most of an original's header section that is returned."""
 
 Action = Literal["failed", "delayed", "relayed", "delivered"]
-Kind = Literal["failure", "delay", "relayed"]
+Kind = Literal["failure", "delay", "relayed", "delivered"]
 
 _ENHANCED = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})(?![\d.])")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
@@ -44,6 +44,7 @@ _SUBJECTS: dict[Kind, str] = {
     "failure": "Undelivered Mail Returned to Sender",
     "delay": "Delayed Mail (still being retried)",
     "relayed": "Relayed Mail Delivery Report",
+    "delivered": "Successful Mail Delivery Report",
 }
 
 
@@ -269,6 +270,11 @@ def _human(
         paragraphs.append(
             "Your message has not yet been delivered to the recipients below. The mail server "
             f"will keep trying {when}; you do not need to send it again."
+        )
+    elif kind == "delivered":
+        paragraphs.append(
+            "Your message was delivered to the mailboxes of the recipients below, as you "
+            "asked (NOTIFY=SUCCESS)."
         )
     else:
         paragraphs.append(

@@ -81,7 +81,7 @@ class RelayTests(TestCase):
             {
                 "127.0.0.3": SinkBehaviour(),
                 "127.0.0.4": SinkBehaviour(temp_fail=1),
-                "127.0.0.5": SinkBehaviour(reject=frozenset({"nobody@reject.test"})),
+                "127.0.0.5": SinkBehaviour(reject=frozenset({"nobody@reject.test"}), dsn=False),
                 "127.0.0.6": SinkBehaviour(drop_in_data=1),
             },
         )
@@ -102,6 +102,7 @@ class RelayTests(TestCase):
                 "nomx.test": {"A": ["127.0.0.3"]},
                 "null.test": {"MX": [(0, ".")]},
                 "offline.test": {"MX": [(10, "down.remote.test")]},
+                "nodsn.test": {"MX": [(10, "reject.test")]},
             },
         )
         self.addCleanup(self.dns.stop)
@@ -212,6 +213,47 @@ command_timeout = "10s"
         await until(lambda: len(self.server.messages(ALICE)) == 1)
         [notice] = self.notices()
         self.assertIn("5.1.10", list(notice.iter_parts())[1].as_string())
+
+    async def test_notify_success(self) -> None:
+        """
+        NOTIFY=SUCCESS: a local recipient brings a "delivered" notice; a next hop without DSN a
+        "relayed" one; a next hop with DSN gets the parameters passed on, and no notice.
+        """
+        data = message("tell me", "bob@example.test")
+        params = ["NOTIFY=SUCCESS,FAILURE", "ORCPT=rfc822;x+2Bcopy@remote.test"]
+
+        def send() -> None:
+            with smtplib.SMTP("127.0.0.1", self.port, timeout=20) as s:
+                s.login(ALICE, PASSWORD)
+                s.ehlo()
+                self.assertTrue(s.has_extn("dsn"))
+                s.sendmail(
+                    ALICE,
+                    [f"bob@{DOMAIN}", "kim@nodsn.test", "carol@remote.test"],
+                    data,
+                    mail_options=["RET=HDRS", "ENVID=env+2B1"],
+                    rcpt_options=params,
+                )
+
+        await in_thread(send)
+        await until(lambda: len(self.server.messages(ALICE)) == 2)
+        await until(lambda: bool(self.received("127.0.0.3", "carol@remote.test")))
+        kinds = {}
+        for notice in self.notices():
+            status = list(notice.iter_parts())[1].as_string().replace("; ", ";")
+            action = "delivered" if "Action: delivered" in status else "relayed"
+            kinds[action] = status
+        self.assertEqual(sorted(kinds), ["delivered", "relayed"])
+        self.assertIn(f"Final-Recipient: rfc822;bob@{DOMAIN}", kinds["delivered"])
+        self.assertIn("Final-Recipient: rfc822;kim@nodsn.test", kinds["relayed"])
+        self.assertIn("Original-Envelope-Id: env+1", kinds["relayed"])
+        self.assertIn("Original-Recipient: rfc822;x+copy@remote.test", kinds["relayed"])
+        self.assertEqual(len(self.server.bodies(f"bob@{DOMAIN}")), 1)
+        [far] = [m for m in self.sinks["127.0.0.3"].messages if "carol@remote.test" in m.recipients]
+        rcpt_params = dict(far.rcpts)["carol@remote.test"]
+        self.assertEqual(rcpt_params.get("NOTIFY"), "SUCCESS,FAILURE")
+        self.assertEqual(far.mail_params.get("RET"), "HDRS")
+        self.assertEqual(far.mail_params.get("ENVID"), "env+2B1")
 
     async def test_queue_command_on_the_live_queue(self) -> None:
         """`queue list` shows a message waiting for a host that is down; `retry` after the
