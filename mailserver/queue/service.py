@@ -109,6 +109,7 @@ class QueueService(Service):
         self.scheduler = Scheduler(settings, reactor, self._send, self._settle)
         self._entries: dict[str, QueueEntry] = {}  # every entry on disk
         self._locks: dict[str, DeferredLock] = {}
+        self._noticing: dict[str, bool] = {}  # queue id -> another notice pass wanted
         self._lock_fd: int | None = None
         self._loaded = False
         self._load_waiters: list[Deferred[None]] = []
@@ -311,12 +312,31 @@ class QueueService(Service):
             await self._notices_and_cleanup(entry)
 
     async def _notices_and_cleanup(self, entry: QueueEntry) -> None:
-        """Hand over the notices owed, then remove the entry or record what was handed over."""
-        handed = await self._send_owed(entry)
-        if entry.done:
-            await self._remove(entry, _removal_reason(entry))
-        elif handed:
-            await self._save(entry)
+        """
+        Hand over the notices owed, then remove the entry or record what was handed over.
+
+        One pass per entry at a time: the settlements of two domains of one message may end
+        together, and each must not send the other's notice again. A call during a pass asks
+        for one more pass after it.
+        """
+        qid = entry.queue_id
+        if qid in self._noticing:
+            self._noticing[qid] = True
+            return
+        self._noticing[qid] = False
+        try:
+            while True:
+                handed = await self._send_owed(entry)
+                if entry.done:
+                    await self._remove(entry, _removal_reason(entry))
+                    return
+                if handed:
+                    await self._save(entry)
+                if not self._noticing[qid]:
+                    return
+                self._noticing[qid] = False
+        finally:
+            del self._noticing[qid]
 
     # -- notices --
 
