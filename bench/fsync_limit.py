@@ -37,6 +37,8 @@ import threading
 import time
 from pathlib import Path
 
+from _common import filesystem_of
+
 
 def worker(
     base: Path, tid: int, payload: bytes, count: int, deadline: float, out: dict[int, list[float]]
@@ -119,20 +121,6 @@ def remove_run_dir(base: Path, limit: int) -> None:
     os.rmdir(base)
 
 
-def filesystem_of(path: Path) -> str:
-    p = str(path.resolve())
-    best = ("", "?")
-    try:
-        with open("/proc/mounts") as f:
-            for line in f:
-                dev, mnt, fstype = line.split()[:3]
-                if (p == mnt or p.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best[0]):
-                    best = (mnt, f"{dev} {fstype} on {mnt}")
-    except OSError:
-        pass
-    return best[1]
-
-
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -166,7 +154,7 @@ def main(argv: list[str]) -> int:
         {
             "bench": "fsync-limit",
             "header": True,
-            "filesystem": filesystem_of(top),
+            "filesystem": filesystem_of(top, with_mount=True),
             "threads": threads,
             "size": args.size,
             "count": args.count,

@@ -74,36 +74,39 @@ from __future__ import annotations
 import argparse
 import errno
 import os
-import platform
 import re
 import resource
 import selectors
-import signal
 import socket
 import ssl
 import sys
 import time
 from collections import Counter
 
-from imap_fetch import (
+from _common import (
     DOMAIN,
     PASSWORD,
+    Mailbox,
+    Output,
     OwnServer,
+    Sampler,
+    add_compare_arg,
+    add_pid_name_args,
     add_server_args,
+    exit_on_signals,
+    fmt,
+    free_port,
     load_compare,
+    machine,
+    make_message,
+    new_parser,
+    parse_pids,
+    parse_target,
     quoted,
     raise_nofile,
-    wait_imap,
-)
-from pop3_retr import Mailbox, make_message
-from smtp_accept import (
-    Output,
-    Sampler,
-    _pss_kb,
-    _rss_kb,
-    free_port,
     tree_cpu_s,
-    tree_pids,
+    tree_mem,
+    wait_greeting,
 )
 
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
@@ -396,23 +399,6 @@ class Pool:
 # ----------------------------------------------------------------------------- measuring
 
 
-def tree_mem(roots: list[int]) -> dict[str, float]:
-    """RSS and PSS (KiB) summed over the process trees, and the number of processes."""
-    pids = tree_pids(roots)
-    threads = 0
-    for p in pids:
-        try:
-            threads += len(os.listdir(f"/proc/{p}/task"))
-        except OSError:
-            pass
-    return {
-        "rss_kb": sum(_rss_kb(p) for p in pids),
-        "pss_kb": sum(_pss_kb(p) for p in pids),
-        "nproc": len(pids),
-        "threads": threads,
-    }
-
-
 def cpu_s(roots: list[int]) -> float:
     return sum(tree_cpu_s(roots)) if roots else 0.0
 
@@ -557,7 +543,8 @@ def own_server(args, n: int, inbox: int) -> tuple[OwnServer, list[str], int]:
     server = OwnServer(
         args,
         "idle-hold.",
-        [(plain, "none"), (tls, "implicit")],
+        [("imap", plain, "none", True), ("imap", tls, "implicit", True)],
+        DOMAIN,
         {"connections": limit, "connections_per_ip": limit},
         nofile=n + args.warmup_conns + 1000,
     )
@@ -571,10 +558,6 @@ def own_server(args, n: int, inbox: int) -> tuple[OwnServer, list[str], int]:
         print(f"# INBOX of each account: {inbox} x {args.size}", file=sys.stderr)
     server.start()
     return server, users, tls
-
-
-def _f(v, fmt="{:.0f}") -> str:
-    return "—" if v is None else fmt.format(v)
 
 
 def table(rows: list[dict]) -> str:
@@ -591,27 +574,25 @@ def table(rows: list[dict]) -> str:
         out.append(
             f"| {r['server']} | {r['variant']} | {r['conns']} | "
             f"{r['ready']} / {r['alive_after_hold']} | "
-            f"**{_f(r.get('pss_kib_per_conn'), '{:.1f}')}** "
+            f"**{fmt(r.get('pss_kib_per_conn'), '{:.1f}')}** "
             f"({'≤ ' + str(target) + ', ' + ('met' if met else 'not met') if target else '—'}) | "
-            f"{_f(r.get('rss_kib_per_conn'), '{:.1f}')} | "
-            f"{_f(r.get('server_base_pss_mb'), '{:.1f}')} → "
-            f"{_f(r.get('server_ready_pss_mb'), '{:.1f}')} → "
-            f"{_f(r.get('server_after_close_pss_mb'), '{:.1f}')} | "
-            f"{_f(r.get('server_ready_nproc'))} | {_f(r.get('setup_per_s'))} | "
-            f"{_f(r.get('setup_p99_ms'))} | "
-            f"{_f(r.get('server_cpu_ramp_s'), '{:.1f}')} / "
-            f"{_f(r.get('server_cpu_hold_s'), '{:.2f}')} / "
-            f"{_f(r.get('server_cpu_close_s'), '{:.1f}')} | "
-            f"{_f(r.get('client_setup_cpu_s'), '{:.1f}')} | "
+            f"{fmt(r.get('rss_kib_per_conn'), '{:.1f}')} | "
+            f"{fmt(r.get('server_base_pss_mb'), '{:.1f}')} → "
+            f"{fmt(r.get('server_ready_pss_mb'), '{:.1f}')} → "
+            f"{fmt(r.get('server_after_close_pss_mb'), '{:.1f}')} | "
+            f"{fmt(r.get('server_ready_nproc'))} | {fmt(r.get('setup_per_s'))} | "
+            f"{fmt(r.get('setup_p99_ms'))} | "
+            f"{fmt(r.get('server_cpu_ramp_s'), '{:.1f}')} / "
+            f"{fmt(r.get('server_cpu_hold_s'), '{:.2f}')} / "
+            f"{fmt(r.get('server_cpu_close_s'), '{:.1f}')} | "
+            f"{fmt(r.get('client_setup_cpu_s'), '{:.1f}')} | "
             f"{'; '.join(f'{k} x{v}' for k, v in errs.items()) or '—'} |"
         )
     return "\n".join(out)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    ap = new_parser(__doc__)
     ap.add_argument("--conns", default="10000", help="levels, comma separated (10000)")
     ap.add_argument(
         "--variants", default=None, help="plain, tls, comma separated (ours: plain,tls)"
@@ -647,13 +628,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--tls", action="store_true", help="with --target: the port is implicit TLS")
     ap.add_argument("--user", help="with --target: the account (e.g. alice@example.test)")
     ap.add_argument("--password", help="with --target: its password")
-    ap.add_argument(
-        "--pid",
-        action="append",
-        default=[],
-        help="with --target: root PID(s) of the server (trees summed)",
-    )
-    ap.add_argument("--name", help="server label (default: mailserver, or HOST:PORT)")
+    add_pid_name_args(ap)
     ap.add_argument("--accounts", type=int, default=1, help="ours: accounts, round robin (1)")
     ap.add_argument(
         "--inbox-messages", type=int, default=0, help="ours: messages in each INBOX (0)"
@@ -665,16 +640,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="ours: accounts get a cheap argon2id hash (t=1, m=1 MiB) instead of the "
         "`mailserver` command's, for many --accounts",
     )
-    add_server_args(ap)
+    add_server_args(ap, port=False)
     ap.add_argument("--pss-interval", type=float, default=1.0, help="peak PSS sampling, s (1)")
     ap.add_argument("--results", help="also append every JSON line to this file")
-    ap.add_argument(
-        "--compare",
-        action="append",
-        default=[],
-        metavar="FILE",
-        help="--results file of another server's run: its levels go in the table (repeatable)",
-    )
+    add_compare_arg(ap, "levels")
     args = ap.parse_args(argv)
     try:
         args.levels = [int(x) for x in args.conns.split(",") if x.strip()]
@@ -707,13 +676,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-
-    def _exit(signum, frame):
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGTERM, _exit)
-    signal.signal(signal.SIGHUP, _exit)
-
+    exit_on_signals()
     nofile = raise_nofile(max(args.levels) + args.warmup_conns + 500)
     if nofile < max(args.levels) + 100:
         print(f"# RLIMIT_NOFILE is {nofile}: not enough for {max(args.levels)}", file=sys.stderr)
@@ -730,21 +693,15 @@ def main(argv: list[str]) -> int:
             "variants": args.variant_list,
             "client": "one thread, non-blocking sockets, epoll selector",
             "client_nofile": nofile,
-            "python": platform.python_version(),
             "openssl": ssl.OPENSSL_VERSION,
-            "kernel": platform.release(),
-            "cpus": os.cpu_count(),
-            "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            **machine(),
         }
     )
     ok = True
     if args.target:
-        host, _, port_s = args.target.rpartition(":")
-        if host not in ("", "127.0.0.1", "localhost"):
-            sys.exit("only 127.0.0.1 may be a target")
-        host, port = "127.0.0.1", int(port_s)
-        roots = [int(x) for p in args.pid for x in p.replace(",", " ").split()]
-        if not args.tls and not wait_imap(host, port, None, 10):
+        host, port = parse_target(args.target)
+        roots = parse_pids(args.pid)
+        if not args.tls and not wait_greeting(host, port, None, 10, "imap"):
             sys.exit(f"no IMAP server answers on {host}:{port}")
         for n in args.levels:
             res = level(args, n, args.variant_list[0], host, port, roots, name, [args.user], False)

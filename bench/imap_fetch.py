@@ -72,82 +72,66 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
-import platform
-import resource
-import shlex
-import shutil
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable
-from pathlib import Path
 
-from pop3_retr import (
+from _common import (
+    DOMAIN,
+    DOWNLOAD_TABLE_HEAD,
+    PASSWORD,
     Mailbox,
     Meter,
+    Output,
+    OwnServer,
+    ProtocolError,
+    RawClient,
+    add_compare_arg,
+    add_download_args,
+    check_download_args,
     client_cpu,
     cpu_delta,
     cpu_mark,
+    download_row,
+    end_session,
+    existing_filesystem_of,
+    exit_on_signals,
+    expand_maildir,
+    free_port,
+    load_compare,
+    machine,
+    new_parser,
     no_server_figures,
+    parse_modes,
+    parse_pids,
+    parse_target,
+    quoted,
+    run_mode,
+    summary_of_runs,
+    wait_greeting,
 )
-from smtp_accept import Output, command, filesystem_of, free_port, median
 
-PASSWORD = "bench-password-1"
-DOMAIN = "example.test"
-TWISTD_MAIN = "from twisted.scripts.twistd import run\nrun()\n"
 MODES = ("bulk", "each")
-RECV = 256 * 1024
 MAX_LINE = 1024 * 1024  # response text (without literals) longer than this: framing lost
 
 # ----------------------------------------------------------------------------- client
 
 
-class IMAPError(Exception):
+class IMAPError(ProtocolError):
     """The server answered NO/BAD, or something that is not IMAP."""
 
 
-def quoted(s: str) -> str:
-    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-class Client:
+class Client(RawClient):
     """
     A raw IMAP client on a blocking socket. L{response} reads one whole response (its text
     lines and the {n} literals between them) out of one buffer, without copying the literals.
     """
 
     def __init__(self, host: str, port: int, io_timeout: float, deadline: float) -> None:
-        self.deadline = deadline
-        self.sock = socket.create_connection((host, port), timeout=io_timeout)
-        try:
-            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            self.sock.close()
-            raise
-        self.buf = bytearray()
-        self.pos = 0
+        super().__init__(host, port, io_timeout, deadline)
         self.tags = 0
-        self.bytes_in = 0
-        self.recvs = 0
-
-    def close(self) -> None:
-        self.sock.close()
-
-    def _fill(self) -> None:
-        if time.monotonic() > self.deadline:
-            raise TimeoutError("run deadline")
-        data = self.sock.recv(RECV)
-        if not data:
-            raise ConnectionError("the server closed the connection")
-        self.recvs += 1
-        self.bytes_in += len(data)
-        self.buf += data
 
     def response(self) -> tuple[bytes, list[tuple[int, int]]]:
         """
@@ -269,27 +253,24 @@ class FetchCheck:
         return out
 
 
-def fetch_bulk(c: Client, count: int, check: FetchCheck) -> None:
-    tag = c.send("FETCH 1:* (BODY.PEEK[])")
+def fetch_answers(c: Client, tag: bytes, what: str, check: FetchCheck) -> None:
+    """The untagged FETCH responses up to the tagged OK of C{tag} (the command C{what})."""
     while True:
         text, lits = c.response()
         if text.startswith(tag + b" "):
             if not text[len(tag) + 1 :].startswith(b"OK"):
-                raise IMAPError(f"FETCH: {text[:200].decode(errors='replace')}")
+                raise IMAPError(f"{what}: {text[:200].decode(errors='replace')}")
             return
         check.add(c, text, lits)
 
 
+def fetch_bulk(c: Client, count: int, check: FetchCheck) -> None:
+    fetch_answers(c, c.send("FETCH 1:* (BODY.PEEK[])"), "FETCH", check)
+
+
 def fetch_each(c: Client, count: int, check: FetchCheck) -> None:
     for n in range(1, count + 1):
-        tag = c.send(f"FETCH {n} (BODY.PEEK[])")
-        while True:
-            text, lits = c.response()
-            if text.startswith(tag + b" "):
-                if not text[len(tag) + 1 :].startswith(b"OK"):
-                    raise IMAPError(f"FETCH {n}: {text[:200].decode(errors='replace')}")
-                break
-            check.add(c, text, lits)
+        fetch_answers(c, c.send(f"FETCH {n} (BODY.PEEK[])"), f"FETCH {n}", check)
 
 
 # ----------------------------------------------------------------------------- one run
@@ -354,298 +335,34 @@ def run_fetch(args, host, port, mbx, roots, mode, run, warmup, name) -> dict:
     except (OSError, IMAPError, TimeoutError) as e:
         res["error"] = f"{type(e).__name__}: {e}"
     finally:
-        if c is not None:
-            c.close()
-    time.sleep(0.05)  # let a per-session server process exit and be reaped
-    res.update(cpu_delta(session0, cpu_mark(roots), "server_session"))
+        end_session(res, c, roots, session0)
     res.update(meter.stop())
     return no_server_figures(res, roots)
-
-
-# ----------------------------------------------------------------------------- our server
-
-
-def wait_imap(host: str, port: int, proc: subprocess.Popen | None, seconds: float) -> bool:
-    """Wait (bounded) until the port answers with an IMAP greeting."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            return False
-        try:
-            with socket.create_connection((host, port), timeout=2) as s:
-                s.settimeout(5)
-                greeting = s.recv(4096)
-                s.sendall(b"z LOGOUT\r\n")
-                if greeting.startswith(b"* OK"):
-                    return True
-        except OSError:
-            pass
-        time.sleep(0.1)
-    return False
-
-
-def raise_nofile(want: int) -> int:
-    """Raise this process's soft RLIMIT_NOFILE towards C{want} (at most the hard limit)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    target = want if hard == resource.RLIM_INFINITY else min(want, hard)
-    if soft != resource.RLIM_INFINITY and soft < target:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-        soft = target
-    return soft
-
-
-class OwnServer:
-    """
-    Our server in a temporary directory, started as a child process: IMAP listeners only
-    (C{listeners}: (port, tls) pairs), the given [limits].
-    """
-
-    def __init__(
-        self,
-        args: argparse.Namespace,
-        prefix: str,
-        listeners: list[tuple[int, str]],
-        limits: dict[str, int] | None = None,
-        nofile: int = 0,
-    ) -> None:
-        self.args = args
-        self.dir = Path(tempfile.mkdtemp(prefix=prefix, dir=args.work_dir))
-        self.data = self.dir / "data"
-        self.cfg = self.dir / "mailserver.toml"
-        self.log = self.dir / "server.log"
-        self.listeners = listeners
-        self.limits = limits or {"connections": 1000, "connections_per_ip": 1000}
-        self.nofile = nofile
-        self.port = listeners[0][0]
-        self.proc: subprocess.Popen | None = None
-
-    def write_config(self) -> None:
-        limits = "".join(f"{k} = {v}\n" for k, v in self.limits.items())
-        listeners = "".join(
-            f"""
-[[listener]]
-kind = "imap"
-endpoint = "tcp:{port}:interface=127.0.0.1"
-tls = "{tls}"
-allow_plaintext_auth = true
-"""
-            for port, tls in self.listeners
-        )
-        self.cfg.write_text(
-            f"""# written by bench/{Path(sys.argv[0]).name}
-[server]
-hostname = "mx.{DOMAIN}"
-data_dir = "{self.data}"
-domain = "{DOMAIN}"
-io_threads = {self.args.io_threads}
-shutdown_grace = "5s"
-
-[limits]
-{limits}{listeners}""",
-            encoding="utf-8",
-        )
-
-    def add_users(self, accounts: list[str], cheap_hash: bool = False) -> str:
-        """
-        Create the domain and the accounts with the `mailserver` command; with C{cheap_hash}
-        the accounts are added through the directory API with a cheap argon2id hash (t=1,
-        m=1 MiB: a login costs about 1 ms instead of a quarter of a second), the domain still
-        with the command.
-        """
-        cli = command("mailserver", "mailserver.cli")
-        cfg = ["--config", str(self.cfg)]
-        steps = [(cli + ["domain", "add", DOMAIN] + cfg, None)]
-        if not cheap_hash:
-            for a in accounts:
-                steps.append((cli + ["user", "add", a, "--password-stdin"] + cfg, PASSWORD + "\n"))
-        how = "mailserver CLI"
-        try:
-            for cmd, stdin in steps:
-                r = subprocess.run(cmd, input=stdin, capture_output=True, text=True, timeout=60)
-                if r.returncode != 0:
-                    raise RuntimeError(f"{shlex.join(cmd)}: {r.stderr.strip()}")
-            if not cheap_hash:
-                return how
-        except (OSError, RuntimeError, subprocess.TimeoutExpired) as e:
-            print(f"# mailserver CLI failed ({e}); using the Python API", file=sys.stderr)
-            how = "mailserver.directory API"
-        from argon2 import PasswordHasher  # the project's dependency
-
-        from mailserver.directory import SQLiteDirectory  # the project, installed
-
-        db = self.data / "db"
-        db.mkdir(mode=0o700, parents=True, exist_ok=True)
-        hasher = (
-            PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1) if cheap_hash else None
-        )
-        directory = SQLiteDirectory(db / "directory.sqlite", DOMAIN, hasher=hasher)
-        try:
-            if not directory.is_local_domain(DOMAIN):
-                directory.add_domain(DOMAIN)
-            for a in accounts:
-                if not directory.user_exists(a):
-                    directory.add_user(a, PASSWORD)
-        finally:
-            directory.close()
-        if cheap_hash:
-            how += " (domain), directory API with a cheap argon2id hash t=1 m=1MiB (accounts)"
-        return how
-
-    def maildir(self, account: str) -> Path:
-        local, _, domain = account.rpartition("@")
-        return self.data / "mail" / domain / local
-
-    def command(self) -> list[str]:
-        twistd_args = [
-            "-n",
-            "--pidfile=",
-            f"--logfile={self.log}",
-            "mailserver",
-            "--config",
-            str(self.cfg),
-        ]
-        if self.args.twistd:
-            return shlex.split(self.args.twistd) + twistd_args
-        twistd = shutil.which("twistd")
-        return ([twistd] if twistd else [sys.executable, "-c", TWISTD_MAIN]) + twistd_args
-
-    def _preexec(self) -> None:
-        if self.nofile:
-            raise_nofile(self.nofile)
-
-    def start(self) -> None:
-        cmd = self.command()
-        print(f"# our server: {shlex.join(cmd)}", file=sys.stderr)
-        self.proc = subprocess.Popen(
-            cmd,
-            cwd=self.dir,
-            stdin=subprocess.DEVNULL,
-            stdout=open(self.dir / "server.out", "wb"),
-            stderr=subprocess.STDOUT,
-            preexec_fn=self._preexec if self.nofile else None,
-        )
-        if not wait_imap("127.0.0.1", self.port, self.proc, self.args.start_timeout):
-            tail = self.log.read_text(errors="replace")[-2000:] if self.log.exists() else ""
-            out = (self.dir / "server.out").read_text(errors="replace")[-2000:]
-            self.stop()
-            raise RuntimeError(f"server did not answer on port {self.port}\n{tail}\n{out}")
-
-    @property
-    def pid(self) -> int:
-        assert self.proc
-        return self.proc.pid
-
-    def stop(self) -> None:
-        p = self.proc
-        if p is not None and p.poll() is None:
-            p.terminate()
-            try:
-                p.wait(self.args.stop_timeout)
-            except subprocess.TimeoutExpired:
-                print(
-                    f"# server {p.pid} still running after {self.args.stop_timeout}s: SIGKILL",
-                    file=sys.stderr,
-                )
-                p.kill()
-                p.wait(10)
-        if self.args.keep_dir:
-            print(f"# kept the server directory {self.dir}", file=sys.stderr)
-        else:
-            shutil.rmtree(self.dir, ignore_errors=True)
-
-
-def add_server_args(ap: argparse.ArgumentParser) -> None:
-    """Options about starting our server (shared with bench/idle_hold.py)."""
-    ap.add_argument("--io-threads", type=int, default=8, help="our server's io_threads (8)")
-    ap.add_argument(
-        "--twistd",
-        help="command that runs twistd (default: twistd from PATH, "
-        "else python running twisted.scripts.twistd)",
-    )
-    ap.add_argument(
-        "--work-dir",
-        help="where our server's temporary directory goes "
-        "(default: $TMPDIR): this is the file system measured",
-    )
-    ap.add_argument("--keep-dir", action="store_true", help="keep our server's directory")
-    ap.add_argument("--start-timeout", type=float, default=60)
-    ap.add_argument("--stop-timeout", type=float, default=20)
-
-
-def load_compare(paths: list[str], bench: str) -> list[dict]:
-    """The summary lines of C{bench} in the --results files C{paths} (the last per key)."""
-    found: dict[tuple, dict] = {}
-    for path in paths:
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    obj = json.loads(line)
-                except ValueError:
-                    continue
-                if obj.get("bench") == bench and obj.get("summary"):
-                    key = (obj.get("server"), obj.get("mode"), obj.get("variant"), obj.get("conns"))
-                    found[key] = obj
-    return list(found.values())
 
 
 # ----------------------------------------------------------------------------- the benchmark
 
 
 def summarize(mode: str, name: str, results: list[dict]) -> dict:
+    s, med, _ = summary_of_runs("imap-fetch", mode, name, results)
     measured = [r for r in results if not r["warmup"]]
-    ok = [r for r in measured if "error" not in r]
-
-    def med(key: str) -> float | None:
-        return median([r.get(key) for r in measured])
-
-    def top(key: str) -> float | None:
-        return max([r[key] for r in measured if r.get(key) is not None], default=None)
-
-    return {
-        "bench": "imap-fetch",
-        "summary": True,
-        "server": name,
-        "mode": mode,
-        "messages": median([r.get("messages") for r in results]),
-        "runs": len(measured),
-        "ok_runs": len(ok),
-        "cold": [r.get("msg_per_s") for r in results if r["warmup"]],
-        "median_msg_per_s": med("msg_per_s"),
-        "median_mb_per_s": med("mb_per_s"),
-        "all_msg_per_s": [r.get("msg_per_s") for r in measured],
-        "median_server_cpu_s": med("server_cpu_s"),
-        "median_server_cpu_s_per_1000_msgs": med("server_cpu_s_per_1000_msgs"),
-        "median_server_main_thread_cpu_s": med("server_main_thread_cpu_s"),
-        "median_server_session_cpu_s": med("server_session_cpu_s"),
-        "median_client_cpu_s": med("client_cpu_s"),
-        "max_server_peak_rss_mb": top("server_peak_rss_mb"),
-        "max_server_peak_pss_mb": top("server_peak_pss_mb"),
-        "median_host_cpu_busy": med("host_cpu_busy"),
-    }
-
-
-def _f(v, fmt="{:.0f}") -> str:
-    return "—" if v is None else fmt.format(v)
+    s.update(
+        {
+            "median_msg_per_s": med("msg_per_s"),
+            "median_mb_per_s": med("mb_per_s"),
+            "all_msg_per_s": [r.get("msg_per_s") for r in measured],
+            "median_server_cpu_s_per_1000_msgs": med("server_cpu_s_per_1000_msgs"),
+            "median_server_main_thread_cpu_s": med("server_main_thread_cpu_s"),
+            "median_server_session_cpu_s": med("server_session_cpu_s"),
+        }
+    )
+    return s
 
 
 def tables(summaries: list[dict], others: list[dict]) -> str:
-    out = [
-        "| server | mode | msgs | **msg/s** | MB/s | msg/s, each run | cold msg/s | "
-        "server CPU s (per 1000 msgs) | client CPU s | peak RSS MB | peak PSS MB | ok runs |",
-        "|" + "---|" * 12,
-    ]
+    out = list(DOWNLOAD_TABLE_HEAD)
     for s in others + summaries:
-        out.append(
-            f"| {s['server']} | {s['mode']} | {_f(s['messages'])} | "
-            f"**{_f(s['median_msg_per_s'])}** | {_f(s['median_mb_per_s'], '{:.1f}')} | "
-            f"{', '.join(_f(x) for x in s['all_msg_per_s'])} | "
-            f"{', '.join(_f(x) for x in s['cold']) or '—'} | "
-            f"{_f(s['median_server_cpu_s'], '{:.2f}')} "
-            f"({_f(s['median_server_cpu_s_per_1000_msgs'], '{:.3f}')}) | "
-            f"{_f(s['median_client_cpu_s'], '{:.2f}')} | "
-            f"{_f(s['max_server_peak_rss_mb'], '{:.1f}')} | "
-            f"{_f(s['max_server_peak_pss_mb'], '{:.1f}')} | {s['ok_runs']}/{s['runs']} |"
-        )
+        out.append(download_row(s, s["mode"]))
     pairs = []
     for s in summaries:
         for o in others:
@@ -662,9 +379,7 @@ def tables(summaries: list[dict], others: list[dict]) -> str:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    ap = new_parser(__doc__)
     ap.add_argument(
         "--modes",
         default="bulk,each",
@@ -672,82 +387,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     ap.add_argument("-n", "--messages", type=int, default=2000, help="mailbox size (2000)")
     ap.add_argument("--size", type=int, default=5120, help="octets per message (5120)")
-    ap.add_argument("--runs", type=int, default=3, help="measured runs per mode; median (3)")
-    ap.add_argument("--warmup", type=int, default=1, help="cold runs before, not in median (1)")
-    ap.add_argument("--run-timeout", type=float, default=300, help="seconds per run at most (300)")
-    ap.add_argument("--io-timeout", type=float, default=60, help="seconds per socket read (60)")
-    ap.add_argument("--settle", type=float, default=0.5, help="pause between runs, s (0.5)")
-    ap.add_argument(
-        "--verify",
-        action="store_true",
-        help="also compare every message's content with what was written (client CPU)",
-    )
-    ap.add_argument(
-        "--max-messages", type=int, default=1_000_000, help="refuse a bigger EXISTS (1000000)"
-    )
-    ap.add_argument(
-        "--target", metavar="HOST:PORT", help="measure this running server instead of starting ours"
-    )
-    ap.add_argument("--user", help="with --target: the account (e.g. bob@example.test)")
-    ap.add_argument("--password", help="with --target: its password")
-    ap.add_argument("--maildir", help="with --target: the account's maildir (%%u %%d %%a)")
-    ap.add_argument(
-        "--pid",
-        action="append",
-        default=[],
-        help="with --target: root PID(s) of the server (trees summed)",
-    )
-    ap.add_argument("--name", help="server label (default: mailserver, or HOST:PORT)")
-    ap.add_argument(
-        "--no-fill",
-        dest="fill",
-        action="store_false",
-        help="with --target: use the mailbox as it is (not emptied, not filled)",
-    )
-    ap.add_argument(
-        "--keep-mailbox", action="store_true", help="with --target: do not empty it at the end"
-    )
-    ap.add_argument("--port", type=int, default=0, help="our server's port (default: a free one)")
-    add_server_args(ap)
-    ap.add_argument("--sample-interval", type=float, default=0.02, help="RSS sampling, s (0.02)")
-    ap.add_argument("--pss-interval", type=float, default=0.5, help="PSS sampling, s; 0 = off")
-    ap.add_argument("--results", help="also append every JSON line to this file")
-    ap.add_argument(
-        "--compare",
-        action="append",
-        default=[],
-        metavar="FILE",
-        help="--results file of another server's run: its summaries go in the table (repeatable)",
-    )
+    add_download_args(ap, "refuse a bigger EXISTS (1000000)")
+    add_compare_arg(ap, "summaries")
     args = ap.parse_args(argv)
-    args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    for m in args.modes:
-        if m not in MODES:
-            ap.error(f"unknown mode {m}")
-    if args.target and not (args.user and args.password is not None):
-        ap.error("--target needs --user and --password")
-    if args.target and args.fill and not args.maildir:
-        ap.error("--target needs --maildir (or --no-fill)")
-    if not args.target and (args.user or args.maildir or args.pid or not args.fill):
-        ap.error("--user, --maildir, --pid and --no-fill go with --target")
-    if args.verify and not args.fill:
-        ap.error("--verify needs the mailbox filled by this script")
+    args.modes = parse_modes(ap, args.modes, MODES)
+    check_download_args(ap, args)
     if min(args.messages, args.size) < 1 or args.messages > args.max_messages:
         ap.error("--messages and --size must be positive, --messages <= --max-messages")
-    if args.runs < 1 or args.warmup < 0 or args.run_timeout <= 0 or args.io_timeout <= 0:
-        ap.error("--runs must be positive, --warmup not negative, timeouts positive")
     return args
 
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-
-    def _exit(signum, frame):
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGTERM, _exit)
-    signal.signal(signal.SIGHUP, _exit)
-
+    exit_on_signals()
     out = Output(args.results)
     others = load_compare(args.compare, "imap-fetch")
     server: OwnServer | None = None
@@ -756,36 +408,24 @@ def main(argv: list[str]) -> int:
     user_for: Callable[[Mailbox], str]
     try:
         if args.target:
-            host, _, port_s = args.target.rpartition(":")
-            if host not in ("", "127.0.0.1", "localhost"):
-                sys.exit("only 127.0.0.1 may be a target")
-            host, port = "127.0.0.1", int(port_s)
-            local, _, domain = args.user.rpartition("@")
-            md = (args.maildir or "").replace("%u", local).replace("%d", domain)
-            mbx = Mailbox(args.user, Path(md.replace("%a", args.user)))
-            roots = [int(x) for p in args.pid for x in p.replace(",", " ").split()]
+            host, port = parse_target(args.target)
+            mbx = Mailbox(args.user, expand_maildir(args.maildir or "", args.user))
+            roots = parse_pids(args.pid)
             name = args.name or f"{host}:{port}"
-            if not wait_imap(host, port, None, 10):
+            if not wait_greeting(host, port, None, 10, "imap"):
                 sys.exit(f"no IMAP server answers on {host}:{port}")
             if args.fill:
-                secs = mbx.fill(args.messages, args.size, args.verify)
-                print(
-                    f"# filled {mbx.path}: {args.messages} x {args.size} in {secs:.1f}s",
-                    file=sys.stderr,
-                )
+                mbx.fill_and_say(args.messages, args.size, args.verify)
         else:
             args.password = PASSWORD
-            server = OwnServer(args, "imap-fetch.", [(args.port or free_port(), "none")])
+            listener = ("imap", args.port or free_port(), "none", True)
+            server = OwnServer(args, "imap-fetch.", [listener])
             server.write_config()
             account = f"bench-fetch@{DOMAIN}"
             how = server.add_users([account])
             print(f"# account {account} added with {how}", file=sys.stderr)
             mbx = Mailbox(account, server.maildir(account))
-            secs = mbx.fill(args.messages, args.size, args.verify)  # before the start: cold
-            print(
-                f"# filled {mbx.path}: {args.messages} x {args.size} in {secs:.1f}s",
-                file=sys.stderr,
-            )
+            mbx.fill_and_say(args.messages, args.size, args.verify)  # before the start: cold
             server.start()
             host, port = "127.0.0.1", server.port
             roots = [server.pid]
@@ -799,9 +439,7 @@ def main(argv: list[str]) -> int:
                 "server": name,
                 "target": f"{host}:{port}",
                 "server_pids": roots,
-                "maildir_fs": filesystem_of(
-                    next((p for p in (mbx.path, *mbx.path.parents) if p.exists()), Path.cwd())
-                ),
+                "maildir_fs": existing_filesystem_of(mbx.path),
                 "modes": args.modes,
                 "messages": args.messages,
                 "size": args.size,
@@ -810,24 +448,16 @@ def main(argv: list[str]) -> int:
                 "warmup": args.warmup,
                 "verify": args.verify,
                 "client": "raw socket (TCP_NODELAY, 256 KiB reads)",
-                "python": platform.python_version(),
-                "kernel": platform.release(),
-                "cpus": os.cpu_count(),
                 "loadavg": os.getloadavg(),
-                "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                **machine(),
             }
         )
         for mode in args.modes:
-            results = []
-            warmups = args.warmup
-            for r in range(warmups + args.runs):
-                warm = r < warmups
-                res = run_fetch(args, host, port, mbx, roots, mode, r - warmups, warm, name)
-                out.emit(res)
-                results.append(res)
-                if server and server.proc and server.proc.poll() is not None:
-                    raise RuntimeError("our server exited during the run; log: " + str(server.log))
-                time.sleep(args.settle)
+
+            def one(run: int, warm: bool, mode: str = mode) -> dict:
+                return run_fetch(args, host, port, mbx, roots, mode, run, warm, name)
+
+            results = run_mode(args, out, server, one)
             s = summarize(mode, name, results)
             out.emit(s)
             summaries.append(s)

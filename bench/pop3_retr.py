@@ -82,177 +82,56 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import os
-import platform
-import random
-import resource
-import shlex
-import shutil
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
-from email.utils import formatdate
-from pathlib import Path
 
-from smtp_accept import (
+from _common import (
+    DOMAIN,
+    DOWNLOAD_TABLE_HEAD,
+    PASSWORD,
+    RECV,
+    Mailbox,
+    Meter,
     Output,
-    Sampler,
-    _rss_kb,
-    command,
-    filesystem_of,
+    OwnServer,
+    ProtocolError,
+    RawClient,
+    add_download_args,
+    check_download_args,
+    client_cpu,
+    cpu_delta,
+    cpu_mark,
+    download_row,
+    end_session,
+    existing_filesystem_of,
+    exit_on_signals,
+    expand_maildir,
+    fmt,
     free_port,
-    host_busy_since,
-    host_cpu_snapshot,
-    maildir_clear,
-    main_threads_cpu_s,
-    median,
-    tree_cpu_s,
-    tree_pids,
+    machine,
+    new_parser,
+    no_server_figures,
+    parse_modes,
+    parse_pids,
+    parse_target,
+    run_mode,
+    summary_of_runs,
+    tree_rss_kb,
+    wait_greeting,
 )
 
-PASSWORD = "bench-password-1"
-DOMAIN = "example.test"
-TWISTD_MAIN = "from twisted.scripts.twistd import run\nrun()\n"
 MODES = ("sequential", "pipelined", "big", "stat100k")
-RECV = 256 * 1024
 MIB = 1024 * 1024
-
-# ----------------------------------------------------------------------------- messages
-
-_WORDS = (
-    "mail server queue relay maildir fsync imap pop3 smtp twisted deferred reactor message "
-    "header body envelope recipient sender meeting report budget the of and to in for on with "
-    "please find attached below thanks regards tomorrow schedule project update review draft"
-).split()
-
-
-def _line_pool(n: int = 509) -> list[bytes]:
-    rnd = random.Random(1939)
-    pool = []
-    for _ in range(n):
-        words: list[str] = []
-        width = rnd.randint(40, 72)
-        while len(" ".join(words)) < width:
-            words.append(rnd.choice(_WORDS))
-        line = " ".join(words)[:76]
-        pool.append(line.rstrip().encode() + b"\r\n")
-    return pool
-
-
-_POOL = _line_pool()
-
-
-def make_message(i: int, size: int, rcpt: str) -> bytes:
-    """
-    Message C{i} of a mailbox: realistic headers, a body of text lines, CRLF line endings,
-    exactly C{size} octets (or the headers plus an empty line when C{size} is smaller). Some
-    messages have a line "." or a line starting with "..", which a server must dot-stuff.
-    """
-    ts = 1_700_000_000 + i * 37
-    date = formatdate(ts, usegmt=True)
-    n = i % 50
-    sender = f"user{n}@sender{i % 7}.perf.test"
-    subject = b" ".join(_POOL[(i * 13) % len(_POOL)].split()[:5]).decode()
-    head = (
-        f"Return-Path: <{sender}>\r\n"
-        f"Delivered-To: {rcpt}\r\n"
-        f"Received: from client{n}.perf.test (client{n}.perf.test [192.0.2.{n + 1}])\r\n"
-        f"\tby mx.{DOMAIN} with ESMTP id {i:08X}B{size:X}\r\n"
-        f"\tfor <{rcpt}>; {date}\r\n"
-        f"Date: {date}\r\n"
-        f'From: "Sender {n}" <{sender}>\r\n'
-        f"To: <{rcpt}>\r\n"
-        f"Subject: [perf {i}] {subject}\r\n"
-        f"Message-ID: <{i}.{ts}.pop3retr@sender{i % 7}.perf.test>\r\n"
-        "MIME-Version: 1.0\r\n"
-        "Content-Type: text/plain; charset=us-ascii\r\n"
-        "Content-Transfer-Encoding: 7bit\r\n"
-        "\r\n"
-    ).encode()
-    out = bytearray(head)
-    k = (i * 7919) % len(_POOL)
-    lines = 0
-    limit = size // 10 + 100  # bounded: lines are >= 40 octets
-    while size - len(out) > 80 and lines < limit:
-        if lines == 5 and i % 7 == 3:
-            out += b".\r\n"  # a line that is a lone dot
-        elif lines == 9 and i % 7 == 5:
-            out += b"..starts with two dots\r\n"
-        else:
-            out += _POOL[k]
-            k = (k + 1) % len(_POOL)
-        lines += 1
-    rest = size - len(out)
-    if rest >= 2:
-        filler = (_POOL[k] + _POOL[(k + 1) % len(_POOL)]).replace(b"\r\n", b" ")
-        out += filler[: rest - 2] + b"\r\n"
-    elif len(out) == len(head):
-        out += b"\r\n"
-    return bytes(out)
-
-
-class Mailbox:
-    """One account's maildir, filled by this script (or used as it is with --no-fill)."""
-
-    def __init__(self, account: str, path: Path) -> None:
-        self.account = account
-        self.path = path
-        self.contents: tuple[int, int] | None = None  # (count, size) written
-        self.digests: Counter[bytes] = Counter()
-
-    def fill(self, count: int, size: int, verify: bool) -> float:
-        """Empty the maildir and write C{count} messages of C{size} octets; seconds taken."""
-        t0 = time.monotonic()
-        for sub in ("new", "cur", "tmp"):
-            (self.path / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
-        maildir_clear(self.path)
-        owner = None
-        st = os.stat(self.path)
-        if os.geteuid() == 0 and st.st_uid != 0:
-            owner = (st.st_uid, st.st_gid)
-            for sub in ("new", "cur", "tmp"):
-                os.chown(self.path / sub, *owner)
-        self.digests = Counter()
-        self.contents = None
-        pid = os.getpid()
-        base = int(time.time()) - count
-        tmp, new = self.path / "tmp", self.path / "new"
-        for i in range(count):
-            msg = make_message(i, size, self.account)
-            if verify:
-                self.digests[hashlib.sha1(msg).digest()] += 1
-            name = f"{base + i}.M{i % 1_000_000}P{pid}Q{i + 1}.pop3retr,S={len(msg)},W={len(msg)}"
-            fd = os.open(tmp / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            try:
-                view = memoryview(msg)
-                while view:
-                    view = view[os.write(fd, view) :]
-                if owner:
-                    os.fchown(fd, *owner)
-            finally:
-                os.close(fd)
-            os.rename(tmp / name, new / name)
-        self.contents = (count, size)
-        return time.monotonic() - t0
-
-    def clear(self) -> None:
-        if self.path.is_dir():
-            maildir_clear(self.path)
-        self.contents = None
-
 
 # ----------------------------------------------------------------------------- client
 
 
-class POP3Error(Exception):
+class POP3Error(ProtocolError):
     """The server answered -ERR, or something that is not POP3."""
 
 
-class Client:
+class Client(RawClient):
     """
     A raw POP3 client on a blocking socket. Answers are read from one buffer; a multi-line
     answer is framed by finding CRLF.CRLF from its status line's CRLF. Commands queued with
@@ -268,28 +147,11 @@ class Client:
         rcvbuf: int = 0,
         read_rate: float = 0,
     ) -> None:
-        self.deadline = deadline
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        if rcvbuf:
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        self.sock.settimeout(io_timeout)
-        try:
-            self.sock.connect((host, port))
-            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            self.sock.close()
-            raise
-        self.buf = bytearray()
-        self.pos = 0
+        super().__init__(host, port, io_timeout, deadline, rcvbuf)
         self.pending: list[bytes] = []
         self.batch = 1
         self.read_rate = read_rate  # octets/s, 0: unlimited
-        self.bytes_in = 0
         self.t_read0 = 0.0
-        self.recvs = 0
-
-    def close(self) -> None:
-        self.sock.close()
 
     def queue(self, cmd: bytes) -> None:
         self.pending.append(cmd)
@@ -303,21 +165,15 @@ class Client:
 
     def _fill(self) -> None:
         self.flush()
-        now = time.monotonic()
-        if now > self.deadline:
-            raise TimeoutError("run deadline")
+        super()._fill()
+
+    def pace(self, now: float) -> None:
         if self.read_rate:
             if not self.t_read0:
                 self.t_read0 = now
             ahead = self.t_read0 + self.bytes_in / self.read_rate - now
             if ahead > 0:
                 time.sleep(min(ahead, max(0.0, self.deadline - now)))
-        data = self.sock.recv(RECV)
-        if not data:
-            raise ConnectionError("the server closed the connection")
-        self.recvs += 1
-        self.bytes_in += len(data)
-        self.buf += data
 
     def _compact(self) -> None:
         if self.pos > 65536:
@@ -477,54 +333,6 @@ def retr_all(
 # ----------------------------------------------------------------------------- one run
 
 
-class Meter:
-    """Server CPU (process trees), host CPU, client thread CPU, peak RSS/PSS of one window."""
-
-    def __init__(self, roots: list[int], args: argparse.Namespace, interval: float) -> None:
-        self.roots = roots
-        self.sampler = Sampler(roots, interval, args.pss_interval, args.run_timeout + 30)
-
-    def start(self) -> Meter:
-        self.sampler.start()
-        self.host0 = host_cpu_snapshot()
-        return self
-
-    def stop(self) -> dict[str, object]:
-        out: dict[str, object] = dict(host_busy_since(self.host0))
-        out.update(self.sampler.stop())
-        return out
-
-
-def cpu_mark(roots: list[int]) -> tuple[float, ...]:
-    """
-    CPU seconds now: server user, server system, server main threads (of the trees), client
-    thread user, client thread system.
-    """
-    user, system = tree_cpu_s(roots)
-    me = resource.getrusage(resource.RUSAGE_THREAD)
-    return user, system, main_threads_cpu_s(roots), me.ru_utime, me.ru_stime
-
-
-def cpu_delta(a: tuple, b: tuple, prefix: str) -> dict[str, float]:
-    return {
-        f"{prefix}_cpu_s": round((b[0] - a[0]) + (b[1] - a[1]), 3),
-        f"{prefix}_cpu_user_s": round(b[0] - a[0], 3),
-        f"{prefix}_cpu_sys_s": round(b[1] - a[1], 3),
-        f"{prefix}_main_thread_cpu_s": round(b[2] - a[2], 3),
-    }
-
-
-def client_cpu(a: tuple, b: tuple) -> dict[str, float]:
-    return {
-        "client_cpu_s": round((b[3] - a[3]) + (b[4] - a[4]), 3),
-        "client_cpu_sys_s": round(b[4] - a[4], 3),
-    }
-
-
-def tree_rss_kb(roots: list[int]) -> int:
-    return sum(_rss_kb(p) for p in tree_pids(roots))
-
-
 def run_retr(args, host, port, mbx, roots, mode, run, warmup, name) -> dict:
     """One session of mode sequential, pipelined or big."""
     big = mode == "big"
@@ -600,10 +408,7 @@ def run_retr(args, host, port, mbx, roots, mode, run, warmup, name) -> dict:
     except (OSError, POP3Error, TimeoutError) as e:
         res["error"] = f"{type(e).__name__}: {e}"
     finally:
-        if c is not None:
-            c.close()
-    time.sleep(0.05)  # let a per-session server process exit and be reaped
-    res.update(cpu_delta(session0, cpu_mark(roots), "server_session"))
+        end_session(res, c, roots, session0)
     if meter is not None and meter.sampler.is_alive():
         res.update(meter.stop())
     if big:
@@ -613,15 +418,6 @@ def run_retr(args, host, port, mbx, roots, mode, run, warmup, name) -> dict:
             res["server_rss_growth_mb"] = round(growth, 1)
             res["target_rss_growth_lt_5mb"] = growth < 5
     return no_server_figures(res, roots)
-
-
-def no_server_figures(res: dict, roots: list[int]) -> dict:
-    """Without --pid there is nothing to measure: the server figures are null, not 0."""
-    if not roots:
-        for k in res:
-            if k.startswith("server_"):
-                res[k] = None
-    return res
 
 
 def run_stat(args, host, port, mbx, roots, run, warmup, name) -> dict:
@@ -669,148 +465,6 @@ def run_stat(args, host, port, mbx, roots, run, warmup, name) -> dict:
     return no_server_figures(res, roots)
 
 
-# ----------------------------------------------------------------------------- our server
-
-
-def wait_pop3(host: str, port: int, proc: subprocess.Popen | None, seconds: float) -> bool:
-    """Wait (bounded) until the port answers with a POP3 greeting."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            return False
-        try:
-            with socket.create_connection((host, port), timeout=2) as s:
-                s.settimeout(5)
-                greeting = s.recv(512)
-                s.sendall(b"QUIT\r\n")
-                if greeting.startswith(b"+OK"):
-                    return True
-        except OSError:
-            pass
-        time.sleep(0.1)
-    return False
-
-
-class OwnServer:
-    """Our server in a temporary directory, started as a child process."""
-
-    def __init__(self, args: argparse.Namespace) -> None:
-        self.args = args
-        self.dir = Path(tempfile.mkdtemp(prefix="pop3-retr.", dir=args.work_dir))
-        self.data = self.dir / "data"
-        self.cfg = self.dir / "mailserver.toml"
-        self.log = self.dir / "server.log"
-        self.port = args.port or free_port()
-        self.proc: subprocess.Popen | None = None
-
-    def write_config(self) -> None:
-        self.cfg.write_text(
-            f"""# written by bench/pop3_retr.py
-[server]
-hostname = "mx.{DOMAIN}"
-data_dir = "{self.data}"
-domain = "{DOMAIN}"
-io_threads = {self.args.io_threads}
-shutdown_grace = "5s"
-
-[limits]
-connections = 1000
-connections_per_ip = 1000
-
-[[listener]]
-kind = "pop3"
-endpoint = "tcp:{self.port}:interface=127.0.0.1"
-tls = "none"
-allow_plaintext_auth = true
-""",
-            encoding="utf-8",
-        )
-
-    def add_users(self, accounts: list[str]) -> str:
-        """Create the domain and the accounts with the `mailserver` command (or its API)."""
-        cli = command("mailserver", "mailserver.cli")
-        cfg = ["--config", str(self.cfg)]
-        steps = [(cli + ["domain", "add", DOMAIN] + cfg, None)]
-        for a in accounts:
-            steps.append((cli + ["user", "add", a, "--password-stdin"] + cfg, PASSWORD + "\n"))
-        try:
-            for cmd, stdin in steps:
-                r = subprocess.run(cmd, input=stdin, capture_output=True, text=True, timeout=60)
-                if r.returncode != 0:
-                    raise RuntimeError(f"{shlex.join(cmd)}: {r.stderr.strip()}")
-            return "mailserver CLI"
-        except (OSError, RuntimeError, subprocess.TimeoutExpired) as e:
-            print(f"# mailserver CLI failed ({e}); using the Python API", file=sys.stderr)
-        from mailserver.directory import open_directory  # the project, installed
-
-        directory = open_directory(self.data, DOMAIN)
-        try:
-            if not directory.is_local_domain(DOMAIN):
-                directory.add_domain(DOMAIN)
-            for a in accounts:
-                if not directory.user_exists(a):
-                    directory.add_user(a, PASSWORD)
-        finally:
-            directory.close()
-        return "mailserver.directory API"
-
-    def maildir(self, account: str) -> Path:
-        local, _, domain = account.rpartition("@")
-        return self.data / "mail" / domain / local
-
-    def command(self) -> list[str]:
-        twistd_args = [
-            "-n",
-            "--pidfile=",
-            f"--logfile={self.log}",
-            "mailserver",
-            "--config",
-            str(self.cfg),
-        ]
-        if self.args.twistd:
-            return shlex.split(self.args.twistd) + twistd_args
-        twistd = shutil.which("twistd")
-        return ([twistd] if twistd else [sys.executable, "-c", TWISTD_MAIN]) + twistd_args
-
-    def start(self) -> None:
-        cmd = self.command()
-        print(f"# our server: {shlex.join(cmd)}", file=sys.stderr)
-        self.proc = subprocess.Popen(
-            cmd,
-            cwd=self.dir,
-            stdin=subprocess.DEVNULL,
-            stdout=open(self.dir / "server.out", "wb"),
-            stderr=subprocess.STDOUT,
-        )
-        if not wait_pop3("127.0.0.1", self.port, self.proc, self.args.start_timeout):
-            tail = self.log.read_text(errors="replace")[-2000:] if self.log.exists() else ""
-            out = (self.dir / "server.out").read_text(errors="replace")[-2000:]
-            raise RuntimeError(f"server did not answer on port {self.port}\n{tail}\n{out}")
-
-    @property
-    def pid(self) -> int:
-        assert self.proc
-        return self.proc.pid
-
-    def stop(self) -> None:
-        p = self.proc
-        if p is not None and p.poll() is None:
-            p.terminate()
-            try:
-                p.wait(self.args.stop_timeout)
-            except subprocess.TimeoutExpired:
-                print(
-                    f"# server {p.pid} still running after {self.args.stop_timeout}s: SIGKILL",
-                    file=sys.stderr,
-                )
-                p.kill()
-                p.wait(10)
-        if self.args.keep_dir:
-            print(f"# kept the server directory {self.dir}", file=sys.stderr)
-        else:
-            shutil.rmtree(self.dir, ignore_errors=True)
-
-
 # ----------------------------------------------------------------------------- the benchmark
 
 
@@ -824,34 +478,9 @@ def contents_for(args: argparse.Namespace, mode: str) -> tuple[str, int, int]:
 
 
 def summarize(mode: str, name: str, results: list[dict]) -> dict:
+    cold = "pass_stat_s" if mode == "stat100k" else "msg_per_s"
+    s, med, top = summary_of_runs("pop3-retr", mode, name, results, cold)
     measured = [r for r in results if not r["warmup"]]
-    ok = [r for r in measured if "error" not in r]
-
-    def med(key: str) -> float | None:
-        return median([r.get(key) for r in measured])
-
-    def top(key: str) -> float | None:
-        return max([r[key] for r in measured if r.get(key) is not None], default=None)
-
-    s: dict[str, object] = {
-        "bench": "pop3-retr",
-        "summary": True,
-        "server": name,
-        "mode": mode,
-        "messages": median([r.get("messages") for r in results]),
-        "runs": len(measured),
-        "ok_runs": len(ok),
-        "cold": [
-            r.get("pass_stat_s" if mode == "stat100k" else "msg_per_s")
-            for r in results
-            if r["warmup"]
-        ],
-        "median_server_cpu_s": med("server_cpu_s"),
-        "median_client_cpu_s": med("client_cpu_s"),
-        "max_server_peak_rss_mb": top("server_peak_rss_mb"),
-        "max_server_peak_pss_mb": top("server_peak_pss_mb"),
-        "median_host_cpu_busy": med("host_cpu_busy"),
-    }
     if mode == "stat100k":
         s["median_pass_stat_s"] = med("pass_stat_s")
         s["median_stat_s"] = med("stat_s")
@@ -875,32 +504,14 @@ def summarize(mode: str, name: str, results: list[dict]) -> dict:
     return s
 
 
-def _f(v, fmt="{:.0f}") -> str:
-    return "—" if v is None else fmt.format(v)
-
-
 def tables(summaries: list[dict]) -> str:
     out = []
     retr = [s for s in summaries if s["mode"] in ("sequential", "pipelined")]
     if retr:
-        out += [
-            "| server | mode | msgs | **msg/s** | MB/s | msg/s, each run | cold msg/s | "
-            "server CPU s (per 1000 msgs) | client CPU s | peak RSS MB | peak PSS MB | ok runs |",
-            "|" + "---|" * 12,
-        ]
+        out += DOWNLOAD_TABLE_HEAD
         for s in retr:
             mode = "sequential" if s["mode"] == "sequential" else f"pipelined ({s['window']})"
-            out.append(
-                f"| {s['server']} | {mode} | {_f(s['messages'])} | "
-                f"**{_f(s['median_msg_per_s'])}** | {_f(s['median_mb_per_s'], '{:.1f}')} | "
-                f"{', '.join(_f(x) for x in s['all_msg_per_s'])} | "
-                f"{', '.join(_f(x) for x in s['cold']) or '—'} | "
-                f"{_f(s['median_server_cpu_s'], '{:.2f}')} "
-                f"({_f(s['median_server_cpu_s_per_1000_msgs'], '{:.3f}')}) | "
-                f"{_f(s['median_client_cpu_s'], '{:.2f}')} | "
-                f"{_f(s['max_server_peak_rss_mb'], '{:.1f}')} | "
-                f"{_f(s['max_server_peak_pss_mb'], '{:.1f}')} | {s['ok_runs']}/{s['runs']} |"
-            )
+            out.append(download_row(s, mode))
     for s in summaries:
         if s["mode"] == "big":
             rate = s["big_read_rate_mb_per_s"]
@@ -910,12 +521,12 @@ def tables(summaries: list[dict]) -> str:
                 "peak RSS MB | **RSS growth MB** (target < 5) | MB/s | server CPU s | ok runs |",
                 "|" + "---|" * 9,
                 f"| {s['server']} | {s.get('size_mib', '?')} MiB | "
-                f"{_f(rate, '{:g} MB/s') if rate else 'full speed'} | "
-                f"{_f(s['median_server_rss_before_retr_mb'], '{:.1f}')} | "
-                f"{_f(s['max_server_peak_rss_mb'], '{:.1f}')} | "
-                f"**{_f(s['max_server_rss_growth_mb'], '{:.1f}')}** | "
-                f"{_f(s['median_mb_per_s'], '{:.1f}')} | "
-                f"{_f(s['median_server_cpu_s'], '{:.2f}')} | {s['ok_runs']}/{s['runs']} |",
+                f"{fmt(rate, '{:g} MB/s') if rate else 'full speed'} | "
+                f"{fmt(s['median_server_rss_before_retr_mb'], '{:.1f}')} | "
+                f"{fmt(s['max_server_peak_rss_mb'], '{:.1f}')} | "
+                f"**{fmt(s['max_server_rss_growth_mb'], '{:.1f}')}** | "
+                f"{fmt(s['median_mb_per_s'], '{:.1f}')} | "
+                f"{fmt(s['median_server_cpu_s'], '{:.2f}')} | {s['ok_runs']}/{s['runs']} |",
             ]
         if s["mode"] == "stat100k":
             out += [
@@ -923,22 +534,20 @@ def tables(summaries: list[dict]) -> str:
                 "| server | messages | cold PASS+STAT s | **PASS+STAT s** (target < 0.5) | "
                 "each run | STAT alone s | server CPU s | peak RSS MB | peak PSS MB | ok runs |",
                 "|" + "---|" * 10,
-                f"| {s['server']} | {_f(s['messages'])} | "
-                f"{', '.join(_f(x, '{:.3f}') for x in s['cold']) or '—'} | "
-                f"**{_f(s['median_pass_stat_s'], '{:.3f}')}** | "
-                f"{', '.join(_f(x, '{:.3f}') for x in s['all_pass_stat_s'])} | "
-                f"{_f(s['median_stat_s'], '{:.4f}')} | "
-                f"{_f(s['median_server_cpu_s'], '{:.2f}')} | "
-                f"{_f(s['max_server_peak_rss_mb'], '{:.1f}')} | "
-                f"{_f(s['max_server_peak_pss_mb'], '{:.1f}')} | {s['ok_runs']}/{s['runs']} |",
+                f"| {s['server']} | {fmt(s['messages'])} | "
+                f"{', '.join(fmt(x, '{:.3f}') for x in s['cold']) or '—'} | "
+                f"**{fmt(s['median_pass_stat_s'], '{:.3f}')}** | "
+                f"{', '.join(fmt(x, '{:.3f}') for x in s['all_pass_stat_s'])} | "
+                f"{fmt(s['median_stat_s'], '{:.4f}')} | "
+                f"{fmt(s['median_server_cpu_s'], '{:.2f}')} | "
+                f"{fmt(s['max_server_peak_rss_mb'], '{:.1f}')} | "
+                f"{fmt(s['max_server_peak_pss_mb'], '{:.1f}')} | {s['ok_runs']}/{s['runs']} |",
             ]
     return "\n".join(out)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    ap = new_parser(__doc__)
     ap.add_argument(
         "--modes",
         default="sequential,pipelined",
@@ -960,76 +569,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--stat-messages", type=int, default=100_000, help="stat100k: messages (100000)"
     )
     ap.add_argument("--stat-size", type=int, default=5120, help="stat100k: octets (5120)")
-    ap.add_argument("--runs", type=int, default=3, help="measured runs per mode; median (3)")
-    ap.add_argument("--warmup", type=int, default=1, help="cold runs before, not in median (1)")
-    ap.add_argument("--run-timeout", type=float, default=300, help="seconds per run at most (300)")
-    ap.add_argument("--io-timeout", type=float, default=60, help="seconds per socket read (60)")
-    ap.add_argument("--settle", type=float, default=0.5, help="pause between runs, s (0.5)")
-    ap.add_argument(
-        "--verify",
-        action="store_true",
-        help="also compare every message's content with what was written (client CPU)",
-    )
-    ap.add_argument(
-        "--max-messages", type=int, default=1_000_000, help="refuse a bigger STAT (1000000)"
-    )
-    ap.add_argument(
-        "--target", metavar="HOST:PORT", help="measure this running server instead of starting ours"
-    )
-    ap.add_argument("--user", help="with --target: the account (e.g. bob@example.test)")
-    ap.add_argument("--password", help="with --target: its password")
-    ap.add_argument("--maildir", help="with --target: the account's maildir (%%u %%d %%a)")
-    ap.add_argument(
-        "--pid",
-        action="append",
-        default=[],
-        help="with --target: root PID(s) of the server (trees summed)",
-    )
-    ap.add_argument("--name", help="server label (default: mailserver, or HOST:PORT)")
-    ap.add_argument(
-        "--no-fill",
-        dest="fill",
-        action="store_false",
-        help="with --target: use the mailbox as it is (not emptied, not filled)",
-    )
-    ap.add_argument(
-        "--keep-mailbox", action="store_true", help="with --target: do not empty it at the end"
-    )
-    ap.add_argument("--port", type=int, default=0, help="our server's port (default: a free one)")
-    ap.add_argument("--io-threads", type=int, default=8, help="our server's io_threads (8)")
-    ap.add_argument(
-        "--twistd",
-        help="command that runs twistd (default: twistd from PATH, "
-        "else python running twisted.scripts.twistd)",
-    )
-    ap.add_argument(
-        "--work-dir",
-        help="where our server's temporary directory goes "
-        "(default: $TMPDIR): this is the file system measured",
-    )
-    ap.add_argument("--keep-dir", action="store_true", help="keep our server's directory")
-    ap.add_argument("--start-timeout", type=float, default=60)
-    ap.add_argument("--stop-timeout", type=float, default=20)
-    ap.add_argument("--sample-interval", type=float, default=0.02, help="RSS sampling, s (0.02)")
-    ap.add_argument("--pss-interval", type=float, default=0.5, help="PSS sampling, s; 0 = off")
-    ap.add_argument("--results", help="also append every JSON line to this file")
+    add_download_args(ap, "refuse a bigger STAT (1000000)")
     args = ap.parse_args(argv)
-    args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    for m in args.modes:
-        if m not in MODES:
-            ap.error(f"unknown mode {m}")
-    if args.target and not (args.user and args.password is not None):
-        ap.error("--target needs --user and --password")
-    if args.target and args.fill and not args.maildir:
-        ap.error("--target needs --maildir (or --no-fill)")
-    if not args.target and (args.user or args.maildir or args.pid or not args.fill):
-        ap.error("--user, --maildir, --pid and --no-fill go with --target")
-    if args.verify and not args.fill:
-        ap.error("--verify needs the mailbox filled by this script")
+    args.modes = parse_modes(ap, args.modes, MODES)
+    check_download_args(ap, args)
     if min(args.messages, args.size, args.window, args.big_size, args.stat_messages) < 1:
         ap.error("sizes, counts and --window must be positive")
-    if args.runs < 1 or args.warmup < 0 or args.run_timeout <= 0 or args.io_timeout <= 0:
-        ap.error("--runs must be positive, --warmup not negative, timeouts positive")
     if max(args.messages, args.stat_messages) > args.max_messages:
         ap.error("more messages than --max-messages")
     return args
@@ -1037,13 +582,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-
-    def _exit(signum, frame):
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGTERM, _exit)
-    signal.signal(signal.SIGHUP, _exit)
-
+    exit_on_signals()
     out = Output(args.results)
     server: OwnServer | None = None
     summaries: list[dict] = []
@@ -1051,24 +590,19 @@ def main(argv: list[str]) -> int:
     try:
         kinds = {contents_for(args, m)[0]: contents_for(args, m) for m in args.modes}
         if args.target:
-            host, _, port_s = args.target.rpartition(":")
-            host, port = host or "127.0.0.1", int(port_s)
-            if host not in ("127.0.0.1", "localhost"):
-                sys.exit("only 127.0.0.1 may be a target")
-            host = "127.0.0.1"
-            local, _, domain = args.user.rpartition("@")
-            md = (args.maildir or "").replace("%u", local).replace("%d", domain)
-            shared = Mailbox(args.user, Path(md.replace("%a", args.user)))
+            host, port = parse_target(args.target)
+            shared = Mailbox(args.user, expand_maildir(args.maildir or "", args.user))
             mailboxes = {k: shared for k in kinds}
-            roots = [int(x) for p in args.pid for x in p.replace(",", " ").split()]
+            roots = parse_pids(args.pid)
             name = args.name or f"{host}:{port}"
             args.user_for = lambda mbx: args.user
-            if not wait_pop3(host, port, None, 10):
+            if not wait_greeting(host, port, None, 10, "pop3"):
                 sys.exit(f"no POP3 server answers on {host}:{port}")
         else:
             args.password = PASSWORD
             args.user_for = lambda mbx: mbx.account
-            server = OwnServer(args)
+            listener = ("pop3", args.port or free_port(), "none", True)
+            server = OwnServer(args, "pop3-retr.", [listener])
             server.write_config()
             accounts = [f"bench-{k}@{DOMAIN}" for k in kinds]
             how = server.add_users(accounts)
@@ -1076,11 +610,7 @@ def main(argv: list[str]) -> int:
             for k, a in zip(kinds, accounts, strict=True):
                 mailboxes[k] = Mailbox(a, server.maildir(a))
             for k, (_, count, size) in kinds.items():  # before the server starts: cold
-                secs = mailboxes[k].fill(count, size, args.verify)
-                print(
-                    f"# filled {mailboxes[k].path}: {count} x {size} in {secs:.1f}s",
-                    file=sys.stderr,
-                )
+                mailboxes[k].fill_and_say(count, size, args.verify)
             server.start()
             host, port = "127.0.0.1", server.port
             roots = [server.pid]
@@ -1093,9 +623,7 @@ def main(argv: list[str]) -> int:
                 "server": name,
                 "target": f"{host}:{port}",
                 "server_pids": roots,
-                "maildir_fs": filesystem_of(
-                    next((p for p in (some, *some.parents) if p.exists()), Path.cwd())
-                ),
+                "maildir_fs": existing_filesystem_of(some),
                 "modes": args.modes,
                 "messages": args.messages,
                 "size": args.size,
@@ -1107,31 +635,21 @@ def main(argv: list[str]) -> int:
                 "warmup": args.warmup,
                 "verify": args.verify,
                 "client": "raw socket (TCP_NODELAY, 256 KiB reads)",
-                "python": platform.python_version(),
-                "kernel": platform.release(),
-                "cpus": os.cpu_count(),
-                "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                **machine(),
             }
         )
         for mode in args.modes:
             kind, count, size = contents_for(args, mode)
             mbx = mailboxes[kind]
             if args.fill and mbx.contents != (count, size):
-                secs = mbx.fill(count, size, args.verify)
-                print(f"# filled {mbx.path}: {count} x {size} in {secs:.1f}s", file=sys.stderr)
-            results = []
-            for r in range(args.warmup + args.runs):
-                warm = r < args.warmup
-                run = r - args.warmup
+                mbx.fill_and_say(count, size, args.verify)
+
+            def one(run: int, warm: bool, mode: str = mode, mbx: Mailbox = mbx) -> dict:
                 if mode == "stat100k":
-                    res = run_stat(args, host, port, mbx, roots, run, warm, name)
-                else:
-                    res = run_retr(args, host, port, mbx, roots, mode, run, warm, name)
-                out.emit(res)
-                results.append(res)
-                if server and server.proc and server.proc.poll() is not None:
-                    raise RuntimeError("our server exited during the run; log: " + str(server.log))
-                time.sleep(args.settle)
+                    return run_stat(args, host, port, mbx, roots, run, warm, name)
+                return run_retr(args, host, port, mbx, roots, mode, run, warm, name)
+
+            results = run_mode(args, out, server, one)
             s = summarize(mode, name, results)
             if mode == "big":
                 s["size_mib"] = round(args.big_size / MIB, 1)

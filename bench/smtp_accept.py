@@ -60,355 +60,47 @@ Requirements: Linux (/proc), Python >= 3.11, the project installed (for our serv
 from __future__ import annotations
 
 import argparse
-import asyncio
-import json
 import os
-import platform
 import resource
-import select
 import shlex
 import shutil
 import signal
-import socket
-import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-PASSWORD = "bench-password-1"
-SENDER = "sender@client.perf.test"
-TWISTD_MAIN = "from twisted.scripts.twistd import run\nrun()\n"
-
-# ----------------------------------------------------------------------------- /proc helpers
-
-
-def _proc_stat(pid: int) -> list[bytes] | None:
-    """Fields of /proc/PID/stat after the command name (state is [0], ppid [1])."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            s = f.read()
-    except OSError:
-        return None
-    return s[s.rindex(b")") + 2 :].split()
-
-
-def tree_pids(roots: list[int]) -> list[int]:
-    """Every live PID in the process trees under C{roots} (roots included)."""
-    children: dict[int, list[int]] = {}
-    live = set()
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        rest = _proc_stat(int(name))
-        if rest is None:
-            continue
-        live.add(int(name))
-        children.setdefault(int(rest[1]), []).append(int(name))
-    out: list[int] = []
-    stack = [r for r in roots if r in live]
-    seen: set[int] = set()
-    while stack and len(out) < 100_000:
-        p = stack.pop()
-        if p in seen:
-            continue
-        seen.add(p)
-        out.append(p)
-        stack.extend(children.get(p, ()))
-    return out
-
-
-def tree_cpu_s(roots: list[int]) -> tuple[float, float]:
-    """(user, system) CPU seconds summed over the trees: utime+cutime, stime+cstime."""
-    user = system = 0
-    for p in tree_pids(roots):
-        rest = _proc_stat(p)
-        if rest is not None:
-            user += int(rest[11]) + int(rest[13])
-            system += int(rest[12]) + int(rest[14])
-    return user / CLK_TCK, system / CLK_TCK
-
-
-PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
-
-
-def main_threads_cpu_s(roots: list[int]) -> float:
-    """utime+stime of the main thread of each root (for our server: the reactor thread)."""
-    ticks = 0
-    for pid in roots:
-        try:
-            with open(f"/proc/{pid}/task/{pid}/stat", "rb") as f:
-                s = f.read()
-        except OSError:
-            continue
-        rest = s[s.rindex(b")") + 2 :].split()
-        ticks += int(rest[11]) + int(rest[12])
-    return ticks / CLK_TCK
-
-
-def _rss_kb(pid: int) -> int:
-    """VmRSS, read from /proc/PID/statm (the same figure as /proc/PID/status, much cheaper)."""
-    try:
-        with open(f"/proc/{pid}/statm", "rb") as f:
-            return int(f.read().split()[1]) * PAGE_KB
-    except (OSError, IndexError, ValueError):
-        return 0
-
-
-def _pss_kb(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/smaps_rollup", "rb") as f:
-            for line in f:
-                if line.startswith(b"Pss:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
-def host_cpu_snapshot() -> tuple[int, int, int, int]:
-    """(idle, total, iowait, steal) jiffies of the whole host, from /proc/stat."""
-    with open("/proc/stat") as f:
-        v = [int(x) for x in f.readline().split()[1:]]
-    return v[3] + v[4], sum(v[:8]), v[4], v[7]
-
-
-def host_busy_since(snap: tuple[int, int, int, int]) -> dict[str, float | None]:
-    """Busy (not idle, not iowait), iowait and steal fractions of all CPUs since C{snap}."""
-    now = host_cpu_snapshot()
-    dt = now[1] - snap[1]
-    if not dt:
-        return {"host_cpu_busy": None, "host_cpu_iowait": None, "host_cpu_steal": None}
-    return {
-        "host_cpu_busy": round(1 - (now[0] - snap[0]) / dt, 3),
-        "host_cpu_iowait": round((now[2] - snap[2]) / dt, 3),
-        "host_cpu_steal": round((now[3] - snap[3]) / dt, 3),
-    }
-
-
-class Sampler(threading.Thread):
-    """
-    Peak memory of the server trees: VmRSS summed every C{interval} s (the list of PIDs is
-    refreshed every C{tree_interval} s), PSS every C{pss_interval} s (0: never). Stops by itself
-    after C{max_seconds} or C{max_samples}.
-    """
-
-    def __init__(
-        self,
-        roots: list[int],
-        interval: float,
-        pss_interval: float,
-        max_seconds: float,
-        tree_interval: float = 0.5,
-    ) -> None:
-        super().__init__(daemon=True, name="rss-sampler")
-        self.roots = roots
-        self.interval = interval
-        self.pss_interval = pss_interval
-        self.tree_interval = tree_interval
-        self.max_seconds = max_seconds
-        self.max_samples = int(max_seconds / max(interval, 0.001)) + 10
-        self.stop_event = threading.Event()
-        self.peak_rss_kb = 0
-        self.peak_pss_kb = 0
-        self.peak_nproc = 0
-        self.samples = 0
-        self.cpu_s = 0.0
-
-    def run(self) -> None:
-        t_end = time.monotonic() + self.max_seconds
-        next_tree = next_pss = 0.0
-        pids: list[int] = []
-        while not self.stop_event.is_set() and self.samples < self.max_samples:
-            now = time.monotonic()
-            if now > t_end:
-                break
-            if now >= next_tree:
-                pids = tree_pids(self.roots)
-                self.peak_nproc = max(self.peak_nproc, len(pids))
-                next_tree = now + self.tree_interval
-            self.peak_rss_kb = max(self.peak_rss_kb, sum(_rss_kb(p) for p in pids))
-            if self.pss_interval > 0 and now >= next_pss:
-                self.peak_pss_kb = max(self.peak_pss_kb, sum(_pss_kb(p) for p in pids))
-                next_pss = now + self.pss_interval
-            self.samples += 1
-            self.stop_event.wait(self.interval)
-        self.cpu_s = time.thread_time()
-
-    def stop(self) -> dict[str, object]:
-        self.stop_event.set()
-        self.join(timeout=30)
-        return {
-            "server_peak_rss_mb": round(self.peak_rss_kb / 1024, 1),
-            "server_peak_pss_mb": round(self.peak_pss_kb / 1024, 1) if self.pss_interval else None,
-            "server_peak_nproc": self.peak_nproc,
-            "sampler_samples": self.samples,
-            "sampler_cpu_s": round(self.cpu_s, 3),
-        }
-
-
-# ----------------------------------------------------------------------------- maildir helpers
-
-
-def maildir_count(md: Path) -> int:
-    n = 0
-    for sub in ("new", "cur"):
-        try:
-            with os.scandir(md / sub) as it:
-                for e in it:
-                    if not e.name.startswith("."):
-                        n += 1
-        except FileNotFoundError:
-            pass
-    return n
-
-
-def maildir_clear(md: Path) -> None:
-    """Delete the messages of a maildir (new/ cur/ tmp/) and Dovecot's index files."""
-    for sub in ("new", "cur", "tmp"):
-        p = md / sub
-        if p.is_dir():
-            with os.scandir(p) as it:
-                for e in it:
-                    if e.is_file(follow_symlinks=False):
-                        os.unlink(e.path)
-    if md.is_dir():
-        for name in os.listdir(md):
-            if name.startswith("dovecot") and (md / name).is_file():
-                os.unlink(md / name)
-
-
-def filesystem_of(path: Path) -> str:
-    """'device type' of the mount holding C{path} (longest matching mount point)."""
-    p = str(path.resolve())
-    best = ("", "?")
-    try:
-        with open("/proc/mounts") as f:
-            for line in f:
-                dev, mnt, fstype = line.split()[:3]
-                if (p == mnt or p.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best[0]):
-                    best = (mnt, f"{dev} {fstype}")
-    except OSError:
-        pass
-    return best[1]
-
-
-# ----------------------------------------------------------------------------- built-in client
-
-
-def make_message(size: int, rcpt: str) -> bytes:
-    """Headers plus a body of C{size} bytes in 78-byte lines (no line starts with a dot)."""
-    head = (
-        f"From: <{SENDER}>\r\nTo: <{rcpt}>\r\nSubject: perf smtp-accept\r\n"
-        "Message-ID: <bench@client.perf.test>\r\n\r\n"
-    ).encode()
-    line = b"x" * 76 + b"\r\n"
-    body = line * (size // 78)
-    rest = size % 78
-    if rest >= 3:
-        body += b"y" * (rest - 2) + b"\r\n"
-    return head + (body or b"\r\n")
-
-
-async def _client(args: argparse.Namespace) -> dict[str, object]:
-    host, port = args.host, args.port
-    message = make_message(args.size, args.rcpt) + b".\r\n"
-    envelope = f"MAIL FROM:<{SENDER}>\r\nRCPT TO:<{args.rcpt}>\r\nDATA\r\n".encode()
-    remaining = [args.messages]
-    stats = {"ok": 0, "failed": 0, "connections": 0, "errors": []}
-    deadline = time.monotonic() + args.timeout
-
-    async def reply(reader: asyncio.StreamReader) -> bytes:
-        """One whole reply (last line), bounded in time."""
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError("run deadline")
-            line = await asyncio.wait_for(reader.readline(), timeout=min(left, 60))
-            if not line:
-                raise ConnectionError("connection closed")
-            if len(line) < 4 or line[3:4] != b"-":
-                return line
-
-    def expect(line: bytes, code: bytes) -> None:
-        if not line.startswith(code):
-            raise RuntimeError(line.decode(errors="replace").strip())
-
-    def take() -> bool:
-        if remaining[0] <= 0 or time.monotonic() > deadline:
-            return False
-        remaining[0] -= 1
-        return True
-
-    async def session(first_taken: bool) -> None:
-        taken = first_taken
-        writer = None
-        try:
-            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 30)
-            stats["connections"] += 1
-            expect(await reply(reader), b"220")
-            writer.write(b"EHLO client.perf.test\r\n")
-            ehlo = await reply(reader)
-            expect(ehlo, b"250")
-            while taken:
-                writer.write(envelope)
-                expect(await reply(reader), b"250")
-                expect(await reply(reader), b"250")
-                expect(await reply(reader), b"354")
-                writer.write(message)
-                expect(await reply(reader), b"250")
-                stats["ok"] += 1
-                taken = False
-                if args.keepalive:
-                    taken = take()
-            writer.write(b"QUIT\r\n")
-            await reply(reader)
-        except Exception as e:  # counted, never retried
-            if taken:
-                stats["failed"] += 1
-            if len(stats["errors"]) < 5:
-                stats["errors"].append(f"{type(e).__name__}: {e}")
-        finally:
-            if writer is not None:
-                writer.close()
-                try:
-                    await asyncio.wait_for(writer.wait_closed(), 5)
-                except Exception:
-                    pass
-
-    async def worker() -> None:
-        while take():
-            await session(True)
-            if args.keepalive:
-                return
-
-    await asyncio.gather(*(worker() for _ in range(args.concurrency)))
-    stats["t_done"] = time.monotonic()
-    return stats
-
-
-def client_main(argv: list[str]) -> int:
-    """The built-in load generator (a child process): prints 'ready', waits for 'go' on stdin."""
-    ap = argparse.ArgumentParser(prog="smtp_accept.py --internal-client")
-    ap.add_argument("--host", default="127.0.0.1")
-    ap.add_argument("--port", type=int, required=True)
-    ap.add_argument("--rcpt", required=True)
-    ap.add_argument("--messages", type=int, required=True)
-    ap.add_argument("--size", type=int, required=True)
-    ap.add_argument("--concurrency", type=int, required=True)
-    ap.add_argument("--keepalive", action="store_true")
-    ap.add_argument("--timeout", type=float, required=True)
-    args = ap.parse_args(argv)
-    print("ready", flush=True)
-    if sys.stdin.readline().strip() != "go":
-        return 2
-    stats = asyncio.run(_client(args))
-    print(json.dumps(stats), flush=True)
-    return 0 if stats["failed"] == 0 and stats["ok"] == args.messages else 1
-
+from _common import (
+    SENDER,
+    TWISTD_MAIN,
+    Output,
+    OwnServer,
+    RunningLoad,
+    Sampler,
+    add_pid_name_args,
+    add_sampling_args,
+    add_server_args,
+    existing_filesystem_of,
+    exit_on_signals,
+    expand_maildir,
+    fmt,
+    free_port,
+    host_busy_since,
+    host_cpu_snapshot,
+    machine,
+    maildir_clear,
+    maildir_count,
+    main_threads_cpu_s,
+    median,
+    new_parser,
+    parse_modes,
+    parse_pids,
+    parse_target,
+    start_client,
+    tree_cpu_s,
+    wait_greeting,
+)
 
 # ----------------------------------------------------------------------------- load generator
 
@@ -466,226 +158,52 @@ class Generator:
             )
             err.close()
             return RunningLoad(p, t0, errfile, builtin=False)
-        cmd = [
-            sys.executable,
-            os.path.abspath(__file__),
-            "--internal-client",
-            "--host",
-            host,
-            "--port",
-            str(port),
-            "--rcpt",
-            rcpt,
-            "--messages",
-            str(n),
-            "--size",
-            str(size),
-            "--concurrency",
-            str(conc),
-            "--timeout",
-            str(timeout),
-        ]
-        if keepalive:
-            cmd.append("--keepalive")
-        err = open(errfile, "wb")
-        p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err)
-        err.close()
-        assert p.stdin and p.stdout
-        ready, _, _ = select.select([p.stdout], [], [], 30)
-        if not ready or p.stdout.readline().strip() != b"ready":
-            p.kill()
-            p.wait(10)
-            raise RuntimeError("built-in client did not start; see " + str(errfile))
+        spec = {
+            "host": host,
+            "port": port,
+            "rcpt": rcpt,
+            "msgid": "<bench@client.perf.test>",
+            "subject": "perf smtp-accept",
+            "messages": n,
+            "size": size,
+            "concurrency": conc,
+            "keepalive": keepalive,
+            "timeout": timeout,
+        }
+        p = start_client(spec, errfile)
+        assert p.stdin
         t0 = time.monotonic()
         p.stdin.write(b"go\n")
         p.stdin.flush()
         return RunningLoad(p, t0, errfile, builtin=True)
 
 
-class RunningLoad:
-    """A started load generator; a thread records the moment it exits."""
-
-    def __init__(self, p: subprocess.Popen, t0: float, errfile: Path, builtin: bool) -> None:
-        self.p = p
-        self.t0 = t0
-        self.errfile = errfile
-        self.builtin = builtin
-        self.t_exit: float | None = None
-        self.stdout = b""
-        self._thread = threading.Thread(target=self._wait, daemon=True, name="load-wait")
-        self._thread.start()
-
-    def _wait(self) -> None:
-        if self.builtin:
-            assert self.p.stdout
-            self.stdout = self.p.stdout.read(1 << 20)  # bounded; ends at EOF (exit)
-        self.p.wait()
-        self.t_exit = time.monotonic()
-
-    def done(self) -> bool:
-        return self.t_exit is not None
-
-    def finish(self) -> dict[str, object]:
-        """Stop it if it still runs (bounded), return what it reported."""
-        if self.p.poll() is None:
-            self.p.kill()
-        self._thread.join(timeout=15)
-        out: dict[str, object] = {"generator_rc": self.p.returncode}
-        t_accept = self.t_exit
-        if self.builtin and self.stdout:
-            try:
-                stats = json.loads(self.stdout.decode().strip().splitlines()[-1])
-                t_accept = stats.pop("t_done", t_accept)
-                out["client"] = stats
-            except (ValueError, IndexError):
-                pass
-        out["t_accept"] = t_accept
-        try:
-            err = self.errfile.read_bytes()[-600:].decode(errors="replace").strip()
-        except OSError:
-            err = ""
-        if err:
-            out["generator_stderr"] = err
-        return out
-
-
 # ----------------------------------------------------------------------------- our server
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_port(host: str, port: int, proc: subprocess.Popen | None, seconds: float) -> bool:
-    """Wait (bounded) until the port answers with an SMTP greeting."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            return False
-        try:
-            with socket.create_connection((host, port), timeout=2) as s:
-                s.settimeout(5)
-                greeting = s.recv(512)
-                s.sendall(b"QUIT\r\n")
-                if greeting.startswith(b"220"):
-                    return True
-        except OSError:
-            pass
-        time.sleep(0.1)
-    return False
-
-
-def command(name: str, module: str) -> list[str]:
-    """The console script C{name} from PATH, else C{python -m module}."""
-    found = shutil.which(name)
-    return [found] if found else [sys.executable, "-m", module]
-
-
-class OwnServer:
-    """Our server in a temporary directory, started as a child process."""
+class ProfiledServer(OwnServer):
+    """Our server (one plain SMTP listener), optionally under cProfile or py-spy."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        self.args = args
-        self.dir = Path(tempfile.mkdtemp(prefix="smtp-accept.", dir=args.work_dir))
-        self.data = self.dir / "data"
-        self.cfg = self.dir / "mailserver.toml"
-        self.log = self.dir / "server.log"
-        self.port = args.port or free_port()
-        self.proc: subprocess.Popen | None = None
+        domain = args.rcpt.rpartition("@")[2]
+        port = args.port or free_port()
+        super().__init__(args, "smtp-accept.", [("smtp", port, "none", False)], domain)
         self.profiler: subprocess.Popen | None = None
 
-    def write_config(self) -> None:
-        domain = self.args.rcpt.rpartition("@")[2]
-        self.cfg.write_text(
-            f"""# written by bench/smtp_accept.py
-[server]
-hostname = "mx.{domain}"
-data_dir = "{self.data}"
-domain = "{domain}"
-io_threads = {self.args.io_threads}
-shutdown_grace = "5s"
-
-[limits]
-connections = 1000
-connections_per_ip = 1000
-
-[[listener]]
-kind = "smtp"
-endpoint = "tcp:{self.port}:interface=127.0.0.1"
-tls = "none"
-""",
-            encoding="utf-8",
-        )
-
-    def add_user(self) -> str:
-        """Create the domain and the recipient with the `mailserver` command (or its API)."""
-        domain = self.args.rcpt.rpartition("@")[2]
-        cli = command("mailserver", "mailserver.cli")
-        cfg = ["--config", str(self.cfg)]
-        steps = [
-            (cli + ["domain", "add", domain] + cfg, None),
-            (cli + ["user", "add", self.args.rcpt, "--password-stdin"] + cfg, PASSWORD + "\n"),
-        ]
-        try:
-            for cmd, stdin in steps:
-                r = subprocess.run(cmd, input=stdin, capture_output=True, text=True, timeout=60)
-                if r.returncode != 0:
-                    raise RuntimeError(f"{shlex.join(cmd)}: {r.stderr.strip()}")
-            return "mailserver CLI"
-        except (OSError, RuntimeError, subprocess.TimeoutExpired) as e:
-            print(f"# mailserver CLI failed ({e}); using the Python API", file=sys.stderr)
-        from mailserver.directory import open_directory  # the project, installed
-
-        directory = open_directory(self.data, domain)
-        try:
-            if not directory.is_local_domain(domain):
-                directory.add_domain(domain)
-            if not directory.user_exists(self.args.rcpt):
-                directory.add_user(self.args.rcpt, PASSWORD)
-        finally:
-            directory.close()
-        return "mailserver.directory API"
-
     def server_command(self) -> list[str]:
-        twistd_args = [
-            "-n",
-            "--pidfile=",
-            f"--logfile={self.log}",
-            "mailserver",
-            "--config",
-            str(self.cfg),
-        ]
         prof = self.args.profile
         if prof and prof.startswith("cprofile:"):
             # cProfile runs a script file: a two-line twistd launcher in the server directory
             launcher = self.dir / "twistd_main.py"
             launcher.write_text(TWISTD_MAIN, encoding="utf-8")
             out = prof.split(":", 1)[1]
-            return [sys.executable, "-m", "cProfile", "-o", out, str(launcher)] + twistd_args
-        if self.args.twistd:
-            return shlex.split(self.args.twistd) + twistd_args
-        twistd = shutil.which("twistd")
-        base = [twistd] if twistd else [sys.executable, "-c", TWISTD_MAIN]
-        return base + twistd_args
+            return [sys.executable, "-m", "cProfile", "-o", out, str(launcher)] + self.twistd_args()
+        return super().server_command()
 
-    def start(self) -> None:
+    def start(self, note: str = "") -> None:
         self.write_config()
-        how = self.add_user()
-        cmd = self.server_command()
-        print(f"# our server: {shlex.join(cmd)}  (user added with {how})", file=sys.stderr)
-        self.proc = subprocess.Popen(
-            cmd,
-            cwd=self.dir,
-            stdin=subprocess.DEVNULL,
-            stdout=open(self.dir / "server.out", "wb"),
-            stderr=subprocess.STDOUT,
-        )
-        if not wait_port("127.0.0.1", self.port, self.proc, self.args.start_timeout):
-            tail = self.log.read_text(errors="replace")[-2000:] if self.log.exists() else ""
-            out = (self.dir / "server.out").read_text(errors="replace")[-2000:]
-            raise RuntimeError(f"server did not open port {self.port}\n{tail}\n{out}")
+        how = self.add_users([self.args.rcpt])
+        super().start(f"  (user added with {how})")
         prof = self.args.profile
         if prof and prof.startswith("py-spy:"):
             out = prof.split(":", 1)[1]
@@ -716,15 +234,6 @@ tls = "none"
                     "py-spy exited: " + (self.dir / "py-spy.out").read_text(errors="replace")
                 )
 
-    @property
-    def pid(self) -> int:
-        assert self.proc
-        return self.proc.pid
-
-    def maildir(self) -> Path:
-        local, _, domain = self.args.rcpt.rpartition("@")
-        return self.data / "mail" / domain / local
-
     def stop(self) -> None:
         if self.profiler is not None and self.profiler.poll() is None:
             self.profiler.send_signal(signal.SIGINT)  # py-spy writes its output on SIGINT
@@ -733,42 +242,10 @@ tls = "none"
             except subprocess.TimeoutExpired:
                 self.profiler.kill()
                 self.profiler.wait(10)
-        p = self.proc
-        if p is not None and p.poll() is None:
-            p.terminate()
-            try:
-                p.wait(self.args.stop_timeout)
-            except subprocess.TimeoutExpired:
-                print(
-                    f"# server {p.pid} still running after {self.args.stop_timeout}s: SIGKILL",
-                    file=sys.stderr,
-                )
-                p.kill()
-                p.wait(10)
-        if self.args.keep_dir:
-            print(f"# kept the server directory {self.dir}", file=sys.stderr)
-        else:
-            shutil.rmtree(self.dir, ignore_errors=True)
+        super().stop()
 
 
 # ----------------------------------------------------------------------------- the benchmark
-
-
-def median(xs: list) -> float | None:
-    xs = [x for x in xs if x is not None]
-    return statistics.median(xs) if xs else None
-
-
-class Output:
-    def __init__(self, path: str | None) -> None:
-        self.path = path
-
-    def emit(self, obj: dict) -> None:
-        line = json.dumps(obj, sort_keys=True)
-        print(line, flush=True)
-        if self.path:
-            with open(self.path, "a") as f:
-                f.write(line + "\n")
 
 
 def one_run(args, gen, host, port, md, roots, conc, keepalive, run, name, errfile) -> dict:
@@ -808,6 +285,7 @@ def one_run(args, gen, host, port, md, roots, conc, keepalive, run, name, errfil
     if t_del is None:
         got = maildir_count(md) - base
     t_acc = rep.pop("t_accept")
+    rep.pop("t_first", None)
     cpu_total = (cpu1[0] - cpu0[0]) + (cpu1[1] - cpu0[1])
     res: dict[str, object] = {
         "bench": "smtp-accept",
@@ -854,27 +332,22 @@ def table(summaries: list[dict]) -> str:
         def per1000(v, n=s["n"]):
             return None if v is None else v * 1000 / n
 
-        def f(v, fmt="{:.0f}"):
-            return "—" if v is None else fmt.format(v)
-
         lines.append(
             f"| {s['server']} | {s['mode']} | {s['concurrency']} | "
-            f"{f(s['median_accept_msg_per_s'])} | **{f(s['median_deliver_msg_per_s'])}** | "
-            f"{', '.join(f(x) for x in s['all_deliver_msg_per_s'])} | "
-            f"{f(s['median_server_cpu_s_per_1000_msgs'], '{:.2f}')} "
-            f"({f(per1000(s['median_server_cpu_user_s']), '{:.2f}')}+"
-            f"{f(per1000(s['median_server_cpu_sys_s']), '{:.2f}')}) | "
-            f"{f(s['max_server_peak_rss_mb'], '{:.1f}')} | "
-            f"{f(s['max_server_peak_pss_mb'], '{:.1f}')} | "
-            f"{f(s['median_client_cpu_s'], '{:.2f}')} | {s['ok_runs']}/{s['runs']} |"
+            f"{fmt(s['median_accept_msg_per_s'])} | **{fmt(s['median_deliver_msg_per_s'])}** | "
+            f"{', '.join(fmt(x) for x in s['all_deliver_msg_per_s'])} | "
+            f"{fmt(s['median_server_cpu_s_per_1000_msgs'], '{:.2f}')} "
+            f"({fmt(per1000(s['median_server_cpu_user_s']), '{:.2f}')}+"
+            f"{fmt(per1000(s['median_server_cpu_sys_s']), '{:.2f}')}) | "
+            f"{fmt(s['max_server_peak_rss_mb'], '{:.1f}')} | "
+            f"{fmt(s['max_server_peak_pss_mb'], '{:.1f}')} | "
+            f"{fmt(s['median_client_cpu_s'], '{:.2f}')} | {s['ok_runs']}/{s['runs']} |"
         )
     return "\n".join(lines)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    ap = new_parser(__doc__)
     ap.add_argument("-n", "--messages", type=int, default=2000, help="messages per run (2000)")
     ap.add_argument("--size", type=int, default=5120, help="payload bytes per message (5120)")
     ap.add_argument("--concurrency", default="1,10,50", help="SMTP sessions in parallel (1,10,50)")
@@ -894,34 +367,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--target", metavar="HOST:PORT", help="measure this running server instead of starting ours"
     )
     ap.add_argument("--maildir", help="with --target: the recipient's maildir (%%u %%d %%a)")
-    ap.add_argument(
-        "--pid",
-        action="append",
-        default=[],
-        help="with --target: root PID(s) of the server (trees summed)",
-    )
-    ap.add_argument("--name", help="server label (default: mailserver, or HOST:PORT)")
+    add_pid_name_args(ap)
     ap.add_argument(
         "--no-clean",
         dest="clean",
         action="store_false",
         help="do not empty the maildir before each run",
     )
-    ap.add_argument("--port", type=int, default=0, help="our server's port (default: a free one)")
-    ap.add_argument("--io-threads", type=int, default=8, help="our server's io_threads (8)")
-    ap.add_argument(
-        "--twistd",
-        help="command that runs twistd (default: twistd from PATH, "
-        "else python running twisted.scripts.twistd)",
-    )
-    ap.add_argument(
-        "--work-dir",
-        help="where our server's temporary directory goes "
-        "(default: $TMPDIR): this is the file system measured",
-    )
-    ap.add_argument("--keep-dir", action="store_true", help="keep our server's directory")
-    ap.add_argument("--start-timeout", type=float, default=60)
-    ap.add_argument("--stop-timeout", type=float, default=20)
+    add_server_args(ap)
     ap.add_argument(
         "--profile",
         metavar="cprofile:OUT|py-spy:OUT",
@@ -934,14 +387,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="more py-spy record flags (default: --nonblocking: do not pause the "
         "server to sample; py-spy counts a thread blocked in fsync as active)",
     )
-    ap.add_argument("--sample-interval", type=float, default=0.02, help="RSS sampling, s (0.02)")
-    ap.add_argument("--pss-interval", type=float, default=0.5, help="PSS sampling, s; 0 = off")
-    ap.add_argument("--results", help="also append every JSON line to this file")
+    add_sampling_args(ap)
     args = ap.parse_args(argv)
-    args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    for m in args.modes:
-        if m not in ("per-connection", "keepalive"):
-            ap.error(f"unknown mode {m}")
+    args.modes = parse_modes(ap, args.modes, ("per-connection", "keepalive"))
     args.concurrency = [int(x) for x in args.concurrency.replace(" ", ",").split(",") if x]
     if args.target and not args.maildir:
         ap.error("--target needs --maildir")
@@ -957,8 +405,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str]) -> int:
-    if argv[:1] == ["--internal-client"]:
-        return client_main(argv[1:])
     args = parse_args(argv)
 
     smtp_source = args.smtp_source or shutil.which("smtp-source")
@@ -974,37 +420,24 @@ def main(argv: list[str]) -> int:
     gen = Generator(kind, smtp_source)
     print(f"# load generator: {gen.describe()}", file=sys.stderr)
 
-    # SIGTERM/SIGHUP end the benchmark through the finally below (which stops the server)
-    def _exit(signum, frame):
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGTERM, _exit)
-    signal.signal(signal.SIGHUP, _exit)
-
+    exit_on_signals()  # SIGTERM/SIGHUP: through the finally below (which stops the server)
     out = Output(args.results)
-    server: OwnServer | None = None
+    server: ProfiledServer | None = None
     summaries: list[dict] = []
     scratch = Path(tempfile.mkdtemp(prefix="smtp-accept-gen."))
     try:
         if args.target:
-            host, _, port_s = args.target.rpartition(":")
-            host, port = host or "127.0.0.1", int(port_s)
-            if host not in ("127.0.0.1", "localhost"):
-                sys.exit("only 127.0.0.1 may be a target")
-            host = "127.0.0.1"
-            local, _, domain = args.rcpt.rpartition("@")
-            md = Path(
-                args.maildir.replace("%u", local).replace("%d", domain).replace("%a", args.rcpt)
-            )
-            roots = [int(x) for p in args.pid for x in p.replace(",", " ").split()]
+            host, port = parse_target(args.target)
+            md = expand_maildir(args.maildir, args.rcpt)
+            roots = parse_pids(args.pid)
             name = args.name or f"{host}:{port}"
-            if not wait_port(host, port, None, 10):
+            if not wait_greeting(host, port, None, 10):
                 sys.exit(f"no SMTP server answers on {host}:{port}")
         else:
-            server = OwnServer(args)
+            server = ProfiledServer(args)
             server.start()
             host, port = "127.0.0.1", server.port
-            md = server.maildir()
+            md = server.maildir(args.rcpt)
             roots = [server.pid]
             name = args.name or "mailserver"
         out.emit(
@@ -1015,19 +448,14 @@ def main(argv: list[str]) -> int:
                 "generator": gen.describe(),
                 "target": f"{host}:{port}",
                 "server_pids": roots,
-                "maildir_fs": filesystem_of(
-                    next((p for p in (md, *md.parents) if p.exists()), Path.cwd())
-                ),
+                "maildir_fs": existing_filesystem_of(md),
                 "n": args.messages,
                 "size": args.size,
                 "concurrency": args.concurrency,
                 "modes": args.modes,
                 "runs": args.runs,
                 "profile": args.profile,
-                "python": platform.python_version(),
-                "kernel": platform.release(),
-                "cpus": os.cpu_count(),
-                "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                **machine(),
             }
         )
         for mode in args.modes:
@@ -1050,10 +478,8 @@ def main(argv: list[str]) -> int:
                     )
                     out.emit(res)
                     results.append(res)
-                    if server and server.proc and server.proc.poll() is not None:
-                        raise RuntimeError(
-                            "our server exited during the run; log: " + str(server.log)
-                        )
+                    if server:
+                        server.check_alive()
                     time.sleep(args.settle)
                 ok = [r for r in results if "error" not in r]
                 s = {
