@@ -276,7 +276,19 @@ class AttemptTests(ServiceTestCase):
         self.assertEqual(self.envelope()["domains"]["example.net"]["attempts"], 2)
 
     def test_state_recorded_before_removal(self) -> None:
-        """The "sent" state reaches the disk before the entry is removed."""
+        """
+        A failed recipient's state (and the notice it owes) reaches the disk before the
+        notice goes and the entry is removed; an entry all sent with nothing owed is removed
+        at once (unlinking the envelope records it: no rewrite first).
+        """
+        for policy, expected in (
+            (failed, ["save failed", "remove"]),
+            (sent, ["remove"]),
+        ):
+            self.outbound.policy = policy
+            self.assertEqual(self._writes_of_one_attempt(), expected)
+
+    def _writes_of_one_attempt(self) -> list[str]:
         writes: list[str] = []
         service = self.start()
         real_save, real_remove = service.spool.save_encoded, service.spool.remove
@@ -292,7 +304,9 @@ class AttemptTests(ServiceTestCase):
         self.patch(service.spool, "save_encoded", save)
         self.patch(service.spool, "remove", remove)
         self.successResultOf(self.submit(service))
-        self.assertEqual(writes, ["save sent", "remove"])
+        service.stopService()
+        self.services.remove(service)
+        return writes
 
     def test_lock(self) -> None:
         """A second service on the same queue does not start; a stopped one lets go."""

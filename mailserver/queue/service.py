@@ -308,7 +308,13 @@ class QueueService(Service):
             r.notice = _notice_owed(entry, r, result)
         if s.delayed:
             await self._delay_notice(entry, s.delayed)
-        if s.results and await self._save(entry):
+        if not s.results:
+            return
+        if entry.done and not any(r.notice for r in entry.recipients):
+            # Nothing left to do or to tell: unlinking the envelope records it all at once.
+            # (A crash before the unlink sends again: the window of spool.py, no wider.)
+            await self._notices_and_cleanup(entry)
+        elif await self._save(entry):
             await self._notices_and_cleanup(entry)
 
     async def _notices_and_cleanup(self, entry: QueueEntry) -> None:
