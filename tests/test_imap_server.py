@@ -28,8 +28,9 @@ from zope.interface import implementer
 from mailserver.auth import LoginFailed
 from mailserver.imap.server import IMAPFactory, IMAPServer, IMAPSettings
 from mailserver.limits import ConnectionLimiter
-from mailserver.store.index import INBOX
+from mailserver.store.index import INBOX, MailIndex
 from mailserver.store.mailbox import MailboxStore
+from mailserver.store.maildir import mailbox_path
 
 HOST = "imap.example.org"
 PEER = IPv4Address("TCP", "192.0.2.10", 40000)
@@ -1023,3 +1024,90 @@ class MoveTests(IMAPTestCase):
                 (b"6", b"Subject: message 3"),
             ],
         )
+
+
+class IncrementalRefreshTests(IMAPTestCase):
+    """A selected session's refresh applies what changed (never reads the whole folder), and
+    sessions on one folder share the store's state."""
+
+    def refuse_full_reads(self) -> None:
+        def refuse(*args: object) -> None:
+            raise AssertionError("the whole folder was read")
+
+        self.patch(MailIndex, "state", refuse)
+
+    def test_sessions_see_each_others_changes(self) -> None:
+        """
+        Flag changes, an expunge and a new message, all in one refresh, reach the other
+        session as before (EXPUNGE first, then FETCH FLAGS renumbered, then EXISTS, RECENT),
+        and both sessions hold the same state afterwards.
+        """
+        self.add(message(1), message(2), message(3))
+        a, b = self.connect(), self.connect()
+        self.login(a, INBOX)
+        self.login(b, INBOX)
+        box_a, box_b = a.protocol._box, b.protocol._box
+        assert box_a is not None and box_b is not None
+        self.assertIs(box_a.state, box_b.state)
+        self.refuse_full_reads()
+        b.send(b"x STORE 1 +FLAGS.SILENT (\\Flagged)\r\n")
+        b.take()
+        a.send(b"n NOOP\r\n")
+        self.assertEqual(
+            a.take(), b"* 1 FETCH (FLAGS (\\Flagged \\Recent))\r\nn OK NOOP completed\r\n"
+        )
+        b.send(b"x STORE 2 +FLAGS.SILENT (\\Deleted)\r\ny STORE 3 +FLAGS.SILENT (\\Seen)\r\n")
+        b.send(b"z EXPUNGE\r\n")
+        self.assertIn(b"* 2 EXPUNGE\r\n", b.take())
+        self.add(message(4))
+        a.send(b"n NOOP\r\n")
+        self.assertEqual(
+            a.take(),
+            b"* 2 EXPUNGE\r\n* 2 FETCH (FLAGS (\\Recent \\Seen))\r\n"
+            b"* 3 EXISTS\r\n* 3 RECENT\r\nn OK NOOP completed\r\n",
+        )
+        b.send(b"n NOOP\r\n")
+        self.assertEqual(b.take(), b"* 3 EXISTS\r\n* 0 RECENT\r\nn OK NOOP completed\r\n")
+        self.assertIs(box_a.state, box_b.state)
+        self.assertEqual(list(box_a.uids), [1, 3, 4])
+
+    def test_expunge_held_back_with_a_new_message(self) -> None:
+        """An expunge held back by SEARCH while a message arrives: EXISTS counts the held
+        message (the new one is number 4), and the next NOOP announces the expunge."""
+        self.add(message(1), message(2), message(3))
+        a, b = self.connect(), self.connect()
+        self.login(a, INBOX)
+        self.login(b, INBOX)
+        self.refuse_full_reads()
+        b.send(b"x STORE 2 +FLAGS.SILENT (\\Deleted)\r\ny EXPUNGE\r\n")
+        b.take()
+        self.add(message(4))
+        a.send(b"s SEARCH ALL\r\n")
+        self.assertEqual(
+            a.take(), b"* SEARCH 1 2 3\r\n* 4 EXISTS\r\n* 4 RECENT\r\ns OK SEARCH completed\r\n"
+        )
+        a.send(b"f FETCH 4 (UID FLAGS)\r\n")
+        self.assertEqual(
+            a.take(), b"* 4 FETCH (UID 4 FLAGS (\\Recent))\r\nf OK FETCH completed\r\n"
+        )
+        a.send(b"n NOOP\r\n")
+        self.assertEqual(a.take(), b"* 2 EXPUNGE\r\n* 3 RECENT\r\nn OK NOOP completed\r\n")
+        box_a, box_b = a.protocol._box, b.protocol._box
+        assert box_a is not None and box_b is not None
+        b.send(b"n NOOP\r\n")
+        b.take()
+        self.assertIs(box_a.state, box_b.state)
+
+    def test_index_rebuilt_under_a_selected_session(self) -> None:
+        """The index lost and rebuilt (a new UIDVALIDITY): the selected session is told BYE
+        and disconnected, since its UIDs mean nothing now."""
+        self.add(message(1), message(2))
+        a = self.connect()
+        self.login(a, INBOX)
+        self.store.close()
+        index = mailbox_path(self.root, ALICE) / "index.sqlite"
+        for suffix in ("", "-wal", "-shm"):
+            Path(str(index) + suffix).unlink(missing_ok=True)
+        a.send(b"n NOOP\r\n")
+        self.assertIn(b"* BYE Selected mailbox UIDVALIDITY changed", a.take())
+        self.assertTrue(a.closed)

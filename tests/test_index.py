@@ -19,8 +19,12 @@ from twisted.trial.unittest import SynchronousTestCase
 from mailserver.store.body import MessageBody
 from mailserver.store.index import (
     INBOX,
+    Changes,
     FolderError,
+    FolderState,
     MailIndex,
+    MessageInfo,
+    apply_changes,
     check_folder_name,
     flags_from_info,
     folder_directory,
@@ -247,6 +251,57 @@ class FlagTests(IndexTestCase):
         self.assertEqual(changes.highestmodseq, index.status(INBOX)[4])
         later = index.changes_since(INBOX, changes.changed[0].modseq)
         self.assertEqual(([m.uid for m in later.changed], later.expunged), ([4], (3,)))
+
+    def test_state_since_reads_only_the_changes(self) -> None:
+        """
+        state_since builds the new state from an earlier one and the changes after its MODSEQ
+        (a flag change, an expunge and a new message at once): the statements it runs read no
+        message row but the changed ones, and the unchanged records are the same objects.
+        """
+        index = self.index
+        base = index.state(INBOX)
+        self.assertEqual(
+            index.state_since(INBOX, base), (base, Changes(base.highestmodseq, (), ()))
+        )
+        self.assertIs(index.state_since(INBOX, base)[0], base)
+        index.store_flags(INBOX, [2], [SEEN], "add")
+        index.expunge(INBOX, [1])
+        self.deliver()
+        index.sync(INBOX)
+        statements: list[str] = []
+        index._db.set_trace_callback(statements.append)
+        state, changes = index.state_since(INBOX, base)
+        index._db.set_trace_callback(None)
+        self.assertEqual(state, index.state(INBOX))
+        self.assertEqual(state.uids, (2, 3, 4))
+        assert changes is not None
+        self.assertEqual(([m.uid for m in changes.changed], changes.expunged), ([2, 4], (1,)))
+        self.assertIs(state.messages[1], base.messages[2])  # message 3, unchanged: shared
+        reads = [q for q in statements if "FROM messages" in q]
+        self.assertTrue(reads and all("modseq >" in q for q in reads), statements)
+
+    def test_state_since_another_uidvalidity_reads_everything(self) -> None:
+        """A base state of a folder since recreated (another UIDVALIDITY) is not built upon."""
+        base = self.index.state(INBOX)
+        stale = FolderState(INBOX, base.uidvalidity - 1, base.uidnext, 1, base.messages)
+        state, changes = self.index.state_since(INBOX, stale)
+        self.assertIsNone(changes)
+        self.assertEqual(state, base)
+
+    def test_apply_changes_many_expunges(self) -> None:
+        """Beyond a few expunges, apply_changes filters once; the result is the same."""
+        messages = tuple(
+            MessageInfo(u, f"b{u}", f"b{u}:2,", 10, 0, frozenset(), 1) for u in range(1, 201)
+        )
+        state = FolderState(INBOX, 7, 201, 1, messages)
+        new = MessageInfo(201, "b201", "b201:2,", 10, 0, frozenset(), 2)
+        flagged = messages[0]._replace(flags=frozenset({SEEN}), modseq=2)
+        changes = Changes(2, (flagged, new), tuple(range(2, 200, 2)))
+        after = apply_changes(state, changes, 202)
+        self.assertEqual(after.uids, (1, *range(3, 201, 2), 200, 201))
+        self.assertEqual((after.uidnext, after.highestmodseq), (202, 2))
+        self.assertIs(after.messages[0], flagged)
+        self.assertEqual(after.uids, tuple(m.uid for m in after.messages))
 
     def test_unknown_folder_refused(self) -> None:
         """Flags on a folder that does not exist raise FolderError."""

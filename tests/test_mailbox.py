@@ -20,7 +20,7 @@ from twisted.trial.unittest import TestCase
 from mailserver.store.body import MessageBody
 from mailserver.store.index import INBOX, FolderError, MailIndex
 from mailserver.store.mailbox import MailboxStore
-from mailserver.store.maildir import MaildirStore
+from mailserver.store.maildir import MaildirStore, mailbox_path
 
 ALICE = "alice@example.org"
 BOB = "bob@example.org"
@@ -61,6 +61,16 @@ class MailboxStoreTestCase(TestCase):
         (name,) = await self.maildir.deliver([(account, b"Delivered-To: x\r\n")], body)
         self.store.delivered(account)
         return name
+
+    async def open_two_sessions(self) -> None:
+        for _ in range(3):
+            await self.deliver(ALICE)
+        self.mine = Recorder()
+        self.other = Recorder()
+        self.f1 = await self.store.open_folder(ALICE, INBOX, self.mine)
+        self.f2 = await self.store.open_folder(ALICE, INBOX, self.other)
+        self.addCleanup(self.f1.close)
+        self.addCleanup(self.f2.close)
 
 
 class SerializationTests(MailboxStoreTestCase):
@@ -176,16 +186,6 @@ class FolderTests(MailboxStoreTestCase):
 
 
 class NotificationTests(MailboxStoreTestCase):
-    async def open_two_sessions(self) -> None:
-        for _ in range(3):
-            await self.deliver(ALICE)
-        self.mine = Recorder()
-        self.other = Recorder()
-        self.f1 = await self.store.open_folder(ALICE, INBOX, self.mine)
-        self.f2 = await self.store.open_folder(ALICE, INBOX, self.other)
-        self.addCleanup(self.f1.close)
-        self.addCleanup(self.f2.close)
-
     async def test_store_flags_tells_the_others_only(self) -> None:
         """A flag change is told to the other session's listener, not to the session's own."""
         await self.open_two_sessions()
@@ -263,6 +263,66 @@ class NotificationTests(MailboxStoreTestCase):
         self.store.changed(ALICE, INBOX)
         self.assertEqual((self.mine.calls, self.other.calls), (1, 1))
         self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+
+
+class SharedStateTests(MailboxStoreTestCase):
+    async def test_sessions_share_one_state(self) -> None:
+        """
+        Two views of the same folder hold the same state object; after a change, the first
+        to look builds the next state from the shared one and the other gets that same object;
+        the records of unchanged messages are the same objects throughout.
+        """
+        await self.open_two_sessions()
+        self.assertIs(self.f1.state, self.f2.state)
+        before = self.f1.state
+        await self.f1.store_flags([2], [SEEN], "add")
+        state1, changes1 = await self.f1.look()
+        state2, changes2 = await self.f2.look()
+        self.assertIs(state1, state2)
+        self.assertIsNot(state1, before)
+        self.assertIs(state1.messages[0], before.messages[0])
+        assert changes1 is not None and changes2 is not None
+        self.assertEqual([m.uid for m in changes2.changed], [2])
+        self.assertEqual(changes2.changed[0].flags, {SEEN})
+        self.assertEqual(changes1, changes2)
+        third = await self.store.open_folder(ALICE, INBOX)
+        self.assertIs(third.state, state1)
+
+    async def test_look_reads_only_the_changes(self) -> None:
+        """A look after a change asks the index for the changes, never for the whole folder."""
+        await self.open_two_sessions()
+        await self.f1.expunge([1])
+        await self.deliver(ALICE)
+
+        def refuse(*args: object) -> None:
+            raise AssertionError("the whole folder was read")
+
+        self.patch(MailIndex, "state", refuse)
+        state, changes = await self.f2.look()
+        assert changes is not None
+        self.assertEqual(state.uids, (2, 3, 4))
+        self.assertEqual(([m.uid for m in changes.changed], changes.expunged), ([4], (1,)))
+        # A view that fell behind the shared state gets the changes since its own look.
+        await self.f2.store_flags([2], [SEEN], "add")
+        await self.f2.look()
+        state, changes = await self.f1.look()
+        assert changes is not None
+        self.assertEqual([m.uid for m in changes.changed], [2, 4])
+        self.assertEqual(changes.expunged, (1,))
+
+    async def test_look_after_index_rebuilt(self) -> None:
+        """After the index was lost and rebuilt (a new UIDVALIDITY), a look gives no changes:
+        the view's UIDs cannot be compared with the new ones."""
+        await self.open_two_sessions()
+        old = self.f1.state.uidvalidity
+        self.store.close()
+        index = mailbox_path(self.root, ALICE) / "index.sqlite"
+        for suffix in ("", "-wal", "-shm"):
+            Path(str(index) + suffix).unlink(missing_ok=True)
+        state, changes = await self.f1.look()
+        self.assertIsNone(changes)
+        self.assertNotEqual(state.uidvalidity, old)
+        self.assertEqual(state.uids, (1, 2, 3))
 
 
 class EvictionTests(MailboxStoreTestCase):

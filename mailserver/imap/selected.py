@@ -5,9 +5,15 @@ The selected mailbox as one IMAP session sees it (RFC 3501 §2.3.1.2, §7.4.1; R
 A session numbers the messages it knows 1..N (message sequence numbers, MSN) in UID order, and
 that numbering may change only when the session tells its client: C{* n EXPUNGE} (or
 C{* VANISHED} with QRESYNC), C{* N EXISTS}, and C{* n FETCH (FLAGS ...)} for flags changed by
-someone else. L{SelectedMailbox} keeps that view and turns a fresh L{FolderState} from the store
-into exactly those untagged responses, holding back expunges while the command in progress may
-not announce them (FETCH, STORE, SEARCH by sequence number: RFC 3501 §7.4.1).
+someone else. L{SelectedMailbox} keeps that view and turns a fresh L{FolderState} from the store,
+with the L{Changes} that lead to it, into exactly those untagged responses (work in proportion to
+the changes), holding back expunges while the command in progress may not announce them (FETCH,
+STORE, SEARCH by sequence number: RFC 3501 §7.4.1).
+
+The view shares the store's immutable L{FolderState} (the same object for every session on the
+folder); a session keeps apart only what differs: the flags it set itself since its last look,
+the messages expunged but not yet announced (while there are some, its own list of the messages
+it numbers), its \\Recent set and the keywords it announced.
 
 No I/O here: the session asks the store for a state and writes what this returns.
 """
@@ -15,10 +21,11 @@ No I/O here: the session asks the store for a state and writes what this returns
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from operator import itemgetter
 
-from mailserver.store.index import FolderState, MessageInfo
+from mailserver.store.index import Changes, FolderState, MessageInfo
 
 Range = tuple[int | None, int | None]
 """One element of a sequence set: (first, last), C{None} standing for C{*}."""
@@ -59,6 +66,30 @@ class Updates:
     """Some expunges are held back until a command that may announce them."""
 
 
+class _Messages(Mapping[int, MessageInfo]):
+    """The messages a session numbers, by UID, as it last saw them (no copy of its own)."""
+
+    __slots__ = ("_box",)
+
+    def __init__(self, box: SelectedMailbox) -> None:
+        self._box = box
+
+    def __getitem__(self, uid: int) -> MessageInfo:
+        info = self._box._find(uid)
+        if info is None:
+            raise KeyError(uid)
+        return info
+
+    def __contains__(self, uid: object) -> bool:
+        return isinstance(uid, int) and self._box._find(uid) is not None
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._box.uids)
+
+    def __len__(self) -> int:
+        return len(self._box.uids)
+
+
 class SelectedMailbox:
     """
     One session's view of its selected folder.
@@ -83,16 +114,53 @@ class SelectedMailbox:
         self.uidvalidity = state.uidvalidity
         self.uidnext = state.uidnext
         self.highestmodseq = state.highestmodseq
-        self.uids: list[int] = [m.uid for m in state.messages]
-        self.messages: dict[int, MessageInfo] = {m.uid: m for m in state.messages}
-        self._gone: set[int] = set()  # expunged in the store, not yet announced
+        self.state = state
+        """The store's state as of this session's last look (shared with other sessions)."""
+        self._own: dict[int, MessageInfo] = {}  # flags this session set since its last look
+        self._held: dict[int, MessageInfo] = {}  # expunged in the store, not yet announced
+        self._uids: Sequence[int] = state.uids
+        self._list: Sequence[MessageInfo] = state.messages
+        self.messages: Mapping[int, MessageInfo] = _Messages(self)
+        """The messages the session numbers, by UID."""
         self.recent: set[int] = set()
         """UIDs that are \\Recent in this session (RFC 3501 §2.3.2)."""
         self._recent_told = 0  # the last RECENT count the client was told
         self.keywords: set[str] = set()
         """Keywords announced in FLAGS (RFC 3501 §7.2.6)."""
         for m in state.messages:
-            self.keywords.update(f for f in m.flags if not f.startswith("\\"))
+            if m.flags:
+                self.keywords.update(f for f in m.flags if not f.startswith("\\"))
+
+    @property
+    def uids(self) -> Sequence[int]:
+        """The UIDs the session numbers 1..N (read only)."""
+        return self._uids
+
+    def infos(self) -> Iterator[MessageInfo]:
+        """The messages the session numbers, in order, as it last saw them."""
+        own = self._own
+        if not own:
+            return iter(self._list)
+        return (own.get(m.uid, m) for m in self._list)
+
+    def _find(self, uid: int) -> MessageInfo | None:
+        info = self._own.get(uid)
+        if info is not None:
+            return info
+        i = bisect.bisect_left(self._uids, uid)
+        if i < len(self._uids) and self._uids[i] == uid:
+            return self._list[i]
+        return None
+
+    def _renumber(self) -> None:
+        """Number the store's state and the held-back expunged messages (shared when none)."""
+        if not self._held:
+            self._uids = self.state.uids
+            self._list = self.state.messages
+            return
+        merged = sorted([*self.state.messages, *self._held.values()], key=itemgetter(0))
+        self._list = merged
+        self._uids = [m.uid for m in merged]
 
     def claim(self, recent_from: int) -> None:
         """
@@ -191,7 +259,12 @@ class SelectedMailbox:
         return f"* {self.msn(info.uid)} FETCH ({' '.join(parts)})\r\n".encode()
 
     def update(
-        self, state: FolderState, allow_expunge: bool, uid_command: bool, recent_from: int = 0
+        self,
+        state: FolderState,
+        allow_expunge: bool,
+        uid_command: bool,
+        recent_from: int = 0,
+        changes: Changes | None = None,
     ) -> Updates:
         """
         Take in the folder's new C{state} and return what to tell the client: EXPUNGE (or
@@ -205,52 +278,50 @@ class SelectedMailbox:
             carry the UID anyway).
         @param recent_from: the added messages at or above this UID (0: none) are recent for
             this session (L{claim}).
+        @param changes: what changed from the state of the session's last look to C{state}
+            (L{mailserver.store.mailbox.Folder.look}); without it, found by comparing every
+            message.
         """
+        if changes is None:
+            changes = self._diff(state)
         lines: list[bytes] = []
-        now = {m.uid: m for m in state.messages}
-        top_known = self.uids[-1] if self.uids else 0
-        for m in state.messages:
-            if m.uid > top_known or (
-                m.uid in self.messages and m.flags != self.messages[m.uid].flags
-            ):
-                lines.extend(self.learn_keywords(m.flags))
-        gone = {u for u in self.uids if u not in now}
-        self._gone |= gone
-        announced: list[int] = []
-        if self._gone and allow_expunge:
-            announced = sorted(self._gone)
-            if self.qresync:
-                lines.append(f"* VANISHED {compress_uids(announced)}\r\n".encode())
-                gone_set = set(announced)
-                self.uids = [u for u in self.uids if u not in gone_set]
-            else:
-                # Highest first: each EXPUNGE renumbers the messages after it.
-                for uid in reversed(announced):
-                    n = self.msn(uid)
-                    if n:
-                        lines.append(f"* {n} EXPUNGE\r\n".encode())
-                        del self.uids[n - 1]
-            for uid in announced:
-                self.messages.pop(uid, None)
-                self.recent.discard(uid)
-            self._gone.clear()
-        # Flag changes of messages the session knows (and that still exist).
-        for uid in self.uids:
-            new = now.get(uid)
-            old = self.messages.get(uid)
-            if new is None or old is None:
-                continue
-            if new.flags != old.flags or (self.condstore and new.modseq != old.modseq):
-                self.messages[uid] = new
-                if new.flags != old.flags or self.condstore:
-                    lines.append(self.fetch_flags_line(new, uid_command or self.qresync))
-        # New messages: UIDs above the highest the session knows.
         top = self.uids[-1] if self.uids else 0
-        added = [m for m in state.messages if m.uid > top]
+        added: list[MessageInfo] = []
+        flagged: list[MessageInfo] = []
+        for m in changes.changed:
+            if m.uid > top:
+                added.append(m)
+                lines.extend(self.learn_keywords(m.flags))
+                continue
+            old = self._find(m.uid)
+            if old is None or m.uid in self._held:
+                continue
+            if m.flags != old.flags:
+                lines.extend(self.learn_keywords(m.flags))
+                flagged.append(m)
+            elif self.condstore and m.modseq != old.modseq:
+                flagged.append(m)
+        for uid in changes.expunged:
+            if uid <= top and uid not in self._held:
+                info = self._find(uid)
+                if info is not None:
+                    self._held[uid] = info
+        self.state = state
+        self._own = {u: i for u, i in self._own.items() if i.modseq > state.highestmodseq}
+        self._renumber()
+        announced: list[int] = []
+        if self._held and allow_expunge:
+            announced = sorted(self._held)
+            lines.extend(self._expunge_lines(announced))
+            for uid in announced:
+                self.recent.discard(uid)
+            self._held.clear()
+            self._renumber()
+        # Flag changes of messages the session knows (and that still exist).
+        for m in flagged:
+            lines.append(self.fetch_flags_line(m, uid_command or self.qresync))
         if added:
             for m in added:
-                self.uids.append(m.uid)
-                self.messages[m.uid] = m
                 if recent_from and m.uid >= recent_from:
                     self.recent.add(m.uid)
             lines.append(f"* {len(self.uids)} EXISTS\r\n".encode())
@@ -259,9 +330,28 @@ class SelectedMailbox:
             self._recent_told = len(self.recent)
         self.uidnext = max(self.uidnext, state.uidnext)
         self.highestmodseq = max(self.highestmodseq, state.highestmodseq)
-        return Updates(lines, announced, bool(self._gone))
+        return Updates(lines, announced, bool(self._held))
+
+    def _diff(self, state: FolderState) -> Changes:
+        """The changes from this session's view to C{state}, by comparing every message."""
+        now = set(state.uids)
+        changed = []
+        top = self.uids[-1] if self.uids else 0
+        for m in state.messages:
+            old = self._find(m.uid) if m.uid <= top else None
+            if m.uid > top or (old is not None and (old.flags, old.modseq) != (m.flags, m.modseq)):
+                changed.append(m)
+        gone = tuple(u for u in self.uids if u not in now and u not in self._held)
+        return Changes(state.highestmodseq, tuple(changed), gone)
+
+    def _expunge_lines(self, uids: list[int]) -> list[bytes]:
+        """Announce the expunge of C{uids} (ascending, all numbered now)."""
+        if self.qresync:
+            return [f"* VANISHED {compress_uids(uids)}\r\n".encode()]
+        # Highest first: each EXPUNGE renumbers the messages after it, not those before.
+        return [f"* {self.msn(uid)} EXPUNGE\r\n".encode() for uid in reversed(uids)]
 
     def own_flags(self, info: MessageInfo) -> None:
         """This session changed a message's flags itself (its STORE reply says so)."""
-        if info.uid in self.messages:
-            self.messages[info.uid] = info
+        if self._find(info.uid) is not None:
+            self._own[info.uid] = info

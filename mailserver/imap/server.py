@@ -70,6 +70,7 @@ from mailserver.sessions import SessionTracker
 from mailserver.store.index import (
     INBOX,
     SEPARATOR,
+    Changes,
     FolderError,
     FolderState,
     MailIndex,
@@ -916,7 +917,7 @@ class IMAPServer(Protocol):
             # The selected folder: the session's own view, just refreshed (and its changes
             # told), so that STATUS never counts a message the client was not told of.
             assert box is not None
-            infos = [box.messages[u] for u in box.uids]
+            infos = list(box.infos())
             recent[0] = len(box.recent)
             counts = (
                 box.exists,
@@ -996,8 +997,7 @@ class IMAPServer(Protocol):
             self._box = box
             self._state = _SELECTED
             first_unseen = next(
-                (i for i, uid in enumerate(box.uids, 1) if "\\Seen" not in box.messages[uid].flags),
-                0,
+                (i for i, m in enumerate(box.infos(), 1) if "\\Seen" not in m.flags), 0
             )
             lines = [
                 f"* {box.exists} EXISTS",
@@ -1096,7 +1096,11 @@ class IMAPServer(Protocol):
             return None
         self._changed = False
 
-        def unclaimed(state: FolderState) -> Deferred[int] | int:
+        looked: list[tuple[FolderState, Changes | None]] = []
+
+        def unclaimed(result: tuple[FolderState, Changes | None]) -> Deferred[int] | int:
+            looked.append(result)
+            state = result[0]
             top = box.uids[-1] if box.uids else 0
             if not box.read_only or not state.messages or state.messages[-1].uid <= top:
                 return folder.recent_from
@@ -1104,7 +1108,14 @@ class IMAPServer(Protocol):
             return self._store.run(folder.account, lambda index: index.unclaimed_from(box.name))
 
         def tell(recent_from: int) -> None:
-            updates = box.update(folder.state, allow_expunge, uid_command, recent_from)
+            state, changes = looked[0]
+            if changes is None or state.uidvalidity != box.uidvalidity:
+                # The folder was recreated or the index rebuilt: the client's UIDs mean
+                # nothing now, and IMAP cannot say so to a selected session (as Dovecot).
+                self._unselect()
+                self._bye(b"* BYE Selected mailbox UIDVALIDITY changed, have to disconnect\r\n")
+                return
+            updates = box.update(state, allow_expunge, uid_command, recent_from, changes)
             self._out.extend(updates.lines)
 
         def gone(f: Failure) -> None:
@@ -1114,7 +1125,7 @@ class IMAPServer(Protocol):
             self._unselect()
             self._bye(b"* BYE Selected mailbox was deleted, have to disconnect\r\n")
 
-        d = folder.refresh(claim_recent=not box.read_only).addCallback(unclaimed)
+        d = folder.look(claim_recent=not box.read_only).addCallback(unclaimed)
         return d.addCallbacks(tell, gone)
 
     def _refresh_then(
@@ -1144,7 +1155,7 @@ class IMAPServer(Protocol):
         if box is None or folder is None or box.read_only:
             self._tagged(tag, "OK", "CLOSE completed")
             return None
-        deleted = [u for u in box.uids if "\\Deleted" in box.messages[u].flags]
+        deleted = [m.uid for m in box.infos() if "\\Deleted" in m.flags]
         d = folder.expunge(deleted)
         return d.addCallback(lambda _: self._tagged(tag, "OK", "CLOSE completed"))
 
@@ -1166,9 +1177,9 @@ class IMAPServer(Protocol):
             self._tagged(tag, "NO", "[READ-ONLY] Mailbox is read-only")
             return None
         deleted = [
-            u
-            for u in box.uids
-            if "\\Deleted" in box.messages[u].flags and (wanted is None or u in wanted)
+            m.uid
+            for m in box.infos()
+            if "\\Deleted" in m.flags and (wanted is None or m.uid in wanted)
         ]
         d = folder.expunge(deleted)
         d.addCallback(lambda _: self._refresh(allow_expunge=True))
@@ -1299,11 +1310,10 @@ class IMAPServer(Protocol):
             box.recent,
         )
         found: list[int] = []
-        for uid_ in box.uids:
-            info = box.messages[uid_]
+        for info in box.infos():
             try:
                 if matcher.matches(command.key, info):
-                    found.append(uid_)
+                    found.append(info.uid)
             except FileNotFoundError:
                 continue
         numbers = found if uid else [box.msn(u) for u in found]

@@ -27,6 +27,7 @@ Crash safety of the mutations:
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import json
 import os
@@ -35,7 +36,8 @@ import shutil
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from operator import itemgetter
 from pathlib import Path
 from typing import BinaryIO, Literal, NamedTuple
 
@@ -59,7 +61,7 @@ _INFO_FLAGS = {
 }
 _FLAG_INFO = {v: k for k, v in _INFO_FLAGS.items()}
 
-_SCHEMA_VERSION = 3
+_SCHEMA_VERSION = 4
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS folders (
@@ -85,12 +87,14 @@ CREATE TABLE IF NOT EXISTS messages (
     PRIMARY KEY (folder, uid)
 ) WITHOUT ROWID;
 CREATE UNIQUE INDEX IF NOT EXISTS messages_base ON messages (folder, base);
+CREATE INDEX IF NOT EXISTS messages_modseq ON messages (folder, modseq);
 CREATE TABLE IF NOT EXISTS expunged (
     folder INTEGER NOT NULL,
     uid INTEGER NOT NULL,
     modseq INTEGER NOT NULL,
     PRIMARY KEY (folder, uid)
 ) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS expunged_modseq ON expunged (folder, modseq);
 CREATE TABLE IF NOT EXISTS subscriptions (name TEXT PRIMARY KEY) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS parsed (
     folder INTEGER NOT NULL,
@@ -126,6 +130,12 @@ _MIGRATIONS = {
         PRIMARY KEY (folder, uid)
     ) WITHOUT ROWID;
     """,
+    # 3 -> 4: what changed after a MODSEQ, found without reading the whole folder (the
+    # incremental refresh of a selected IMAP session).
+    3: """
+    CREATE INDEX IF NOT EXISTS messages_modseq ON messages (folder, modseq);
+    CREATE INDEX IF NOT EXISTS expunged_modseq ON expunged (folder, modseq);
+    """,
 }
 
 _W_SIZE = re.compile(r",W=(\d+)")
@@ -155,15 +165,32 @@ class MessageInfo(NamedTuple):
     modseq: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, weakref_slot=True)
 class FolderState:
-    """A folder's counters and its messages in UID order, at one instant."""
+    """
+    A folder's counters and its messages in UID order, at one instant. Immutable, so that the
+    sessions that have the folder open share one (L{mailserver.store.mailbox.MailboxStore}
+    keeps the newest per folder); a change makes a new one (L{apply_changes}).
+    """
 
     name: str
     uidvalidity: int
     uidnext: int
     highestmodseq: int
     messages: tuple[MessageInfo, ...]
+    uids: tuple[int, ...] = field(default=(), compare=False, repr=False)
+    """The UIDs of C{messages}, in the same order (to find a message by bisection)."""
+
+    def __post_init__(self) -> None:
+        if len(self.uids) != len(self.messages):
+            object.__setattr__(self, "uids", tuple(map(itemgetter(0), self.messages)))
+
+    def find(self, uid: int) -> MessageInfo | None:
+        """Message C{uid}, or None."""
+        i = bisect.bisect_left(self.uids, uid)
+        if i < len(self.uids) and self.uids[i] == uid:
+            return self.messages[i]
+        return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,6 +219,46 @@ class Changes:
 
 
 StoreMode = Literal["set", "add", "remove"]
+
+_MANY_EXPUNGES = 64
+"""Beyond this many expunges in one delta, filter the list once rather than delete each."""
+
+
+def apply_changes(state: FolderState, changes: Changes, uidnext: int) -> FolderState:
+    """
+    The folder C{state} after C{changes} (what changed after C{state.highestmodseq}): a new
+    L{FolderState} sharing the unchanged message records with C{state}. Costs a copy of the
+    list of references plus a bisection per change; no message record is built.
+    """
+    uids = list(state.uids)
+    messages = list(state.messages)
+    if len(changes.expunged) > _MANY_EXPUNGES:
+        gone = set(changes.expunged)
+        keep = [i for i, uid in enumerate(uids) if uid not in gone]
+        uids = [uids[i] for i in keep]
+        messages = [messages[i] for i in keep]
+    else:
+        for uid in changes.expunged:
+            i = bisect.bisect_left(uids, uid)
+            if i < len(uids) and uids[i] == uid:
+                del uids[i]
+                del messages[i]
+    for m in changes.changed:
+        i = bisect.bisect_left(uids, m.uid)
+        if i < len(uids) and uids[i] == m.uid:
+            messages[i] = m
+        else:  # a new message (at the end, but any place works)
+            uids.insert(i, m.uid)
+            messages.insert(i, m)
+    return FolderState(
+        state.name,
+        state.uidvalidity,
+        uidnext,
+        changes.highestmodseq,
+        tuple(messages),
+        tuple(uids),
+    )
+
 
 _flag_cache: dict[str, frozenset[str]] = {"": frozenset()}
 
@@ -536,6 +603,11 @@ class MailIndex:
         UIDNEXT so that no other session sees them so.
         """
         folder_id = self._require_folder(name)[0]
+        first, uidnext = self._db.execute(
+            "SELECT recent_uid, uidnext FROM folders WHERE id = ?", (folder_id,)
+        ).fetchone()
+        if first >= uidnext:
+            return int(first)  # nothing to claim: no transaction (each IMAP refresh asks)
         with self._transaction() as db:
             first, uidnext = db.execute(
                 "SELECT recent_uid, uidnext FROM folders WHERE id = ?", (folder_id,)
@@ -594,7 +666,10 @@ class MailIndex:
         make = MessageInfo
         ff = _flags_from_text
         messages = tuple(make(u, b, fn, s, d, ff(fl), m) for u, b, fn, s, d, fl, m in rows)
-        return FolderState(check_folder_name(name), uidvalidity, uidnext, highestmodseq, messages)
+        uids = tuple(map(itemgetter(0), rows))
+        return FolderState(
+            check_folder_name(name), uidvalidity, uidnext, highestmodseq, messages, uids
+        )
 
     def status(self, name: str) -> tuple[int, int, int, int, int]:
         """(messages, octets, uidvalidity, uidnext, highestmodseq), without loading messages."""
@@ -648,24 +723,59 @@ class MailIndex:
         ).fetchone()
         return int(n)
 
+    def state_since(
+        self, name: str, base: FolderState | None
+    ) -> tuple[FolderState, Changes | None]:
+        """
+        The folder's state now, built from C{base} (an earlier state of it) and what changed
+        since (C{base} itself when nothing did): reads only the changes. Without a usable
+        C{base} (None, another UIDVALIDITY: the folder was recreated or the index rebuilt; a
+        MODSEQ from the future), reads every message.
+
+        @return: (the state, the changes from C{base} to it, or None when every message was
+            read).
+        """
+        name = check_folder_name(name)
+        folder_id, uidvalidity, uidnext, highestmodseq, _ = self._require_folder(name)
+        if (
+            base is None
+            or base.name != name
+            or base.uidvalidity != uidvalidity
+            or base.highestmodseq > highestmodseq
+        ):
+            return self.state(name), None
+        if base.highestmodseq == highestmodseq and base.uidnext == uidnext:
+            return base, Changes(highestmodseq, (), ())
+        changes = self._changes(folder_id, base.highestmodseq, highestmodseq)
+        return apply_changes(base, changes, uidnext), changes
+
     def changes_since(self, name: str, modseq: int) -> Changes:
+        """Messages added or changed, and UIDs expunged, after C{modseq} (index lookups)."""
         folder_id, _, _, highestmodseq, _ = self._require_folder(name)
+        return self._changes(folder_id, modseq, highestmodseq)
+
+    def _changes(self, folder_id: int, modseq: int, highestmodseq: int) -> Changes:
+        """
+        What changed in folder C{folder_id} after C{modseq}, read through the MODSEQ indexes
+        (sorted here: an ORDER BY uid could make SQLite walk the whole folder in UID order).
+        """
         rows = self._db.execute(
-            "SELECT uid, base, filename, size, internaldate, flags, modseq FROM messages"
-            " WHERE folder = ? AND modseq > ? ORDER BY uid",
+            "SELECT uid, base, filename, size, internaldate, flags, modseq"
+            " FROM messages INDEXED BY messages_modseq WHERE folder = ? AND modseq > ?",
             (folder_id, modseq),
         ).fetchall()
         gone = self._db.execute(
-            "SELECT uid FROM expunged WHERE folder = ? AND modseq > ? ORDER BY uid",
+            "SELECT uid FROM expunged INDEXED BY expunged_modseq WHERE folder = ? AND modseq > ?",
             (folder_id, modseq),
         ).fetchall()
+        rows.sort()
         return Changes(
             highestmodseq,
             tuple(
                 MessageInfo(u, b, fn, s, d, _flags_from_text(fl), m)
                 for u, b, fn, s, d, fl, m in rows
             ),
-            tuple(u for (u,) in gone),
+            tuple(sorted(u for (u,) in gone)),
         )
 
     def message_path(self, name: str, info: MessageInfo) -> Path:

@@ -6,13 +6,20 @@ L{MailboxStore} opens each user's L{MailIndex} on demand, runs every index opera
 I/O thread pool, one at a time per user (so SQLite and the maildir see one writer per user,
 and no pool thread ever waits on another's lock), and tells subscribed sessions when a folder
 changes: a delivery, another session's flag change, expunge, append, copy or move. IMAP IDLE
-listens to this; a session refreshes its view with L{Folder.refresh}.
+listens to this; a session refreshes its view with L{Folder.look} (or L{Folder.refresh}).
+
+The sessions that have the same folder open share one immutable L{FolderState} (the store keeps
+the newest per (account, folder), weakly: it lives as long as a session holds it). A look
+builds the next one from the previous one and what changed after its HIGHESTMODSEQ (an index
+lookup by MODSEQ), so its cost follows the changes, not the size of the folder.
 """
 
 from __future__ import annotations
 
+import bisect
 import os
 import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -44,6 +51,10 @@ _T = TypeVar("_T")
 
 Listener = Callable[[], None]
 
+Look = tuple[FolderState, Changes | None, int]
+"""What a look at a folder gives: the shared state now, the changes from the looker's previous
+state (None: not comparable, as after a new UIDVALIDITY), the first UID claimed as recent."""
+
 
 class MailboxStore:
     """
@@ -68,6 +79,10 @@ class MailboxStore:
         self._open_lock = threading.Lock()
         self._busy: set[str] = set()
         self._listeners: dict[tuple[str, str], list[Listener]] = {}
+        self._snapshots: weakref.WeakValueDictionary[tuple[str, str], FolderState] = (
+            weakref.WeakValueDictionary()
+        )
+        """The newest state of each open folder, shared by the views on it (reactor thread)."""
 
     # -- running index operations ----------------------------------------------------------
 
@@ -76,16 +91,20 @@ class MailboxStore:
         Run C{operation(index)} on C{account}'s index in the I/O pool, after every operation
         on that account asked for before it.
         """
+        return self._serially(account, lambda: self._in_pool(account, operation))
+
+    def _in_pool(self, account: str, operation: Callable[[MailIndex], _T]) -> Deferred[_T]:
+        result: Deferred[_T] = deferToThreadPool(
+            self._reactor, self._pool, self._call, account, operation
+        )
+        return result
+
+    def _serially(self, account: str, start: Callable[[], Deferred[_T]]) -> Deferred[_T]:
+        """Call C{start()} (on the reactor thread) once C{account}'s earlier operations are done,
+        and hold the account until its Deferred fires."""
         lock = self._locks.get(account)
         if lock is None:
             lock = self._locks[account] = DeferredLock()
-
-        def start() -> Deferred[_T]:
-            result: Deferred[_T] = deferToThreadPool(
-                self._reactor, self._pool, self._call, account, operation
-            )
-            return result
-
         d: Deferred[_T] = lock.run(start)
 
         def forget_lock(result: object) -> object:
@@ -179,19 +198,13 @@ class MailboxStore:
         view (L{Folder.recent_from}).
         """
         name = check_folder_name(name)
-
-        def look(index: MailIndex) -> tuple[FolderState, int]:
-            index.sync(name)
-            first = index.claim_recent(name) if claim_recent else 0
-            return index.state(name), first
-
         # Subscribe before looking, so that no change between the look and the subscription
         # goes unannounced.
         unsubscribe = self.subscribe(account, name, listener) if listener is not None else None
 
-        def opened(result: tuple[FolderState, int]) -> Folder:
+        def opened(result: Look) -> Folder:
             folder = Folder(self, account, result[0], listener, unsubscribe)
-            folder.recent_from = result[1]
+            folder.recent_from = result[2]
             return folder
 
         def failed(f: Failure) -> Failure:
@@ -199,7 +212,29 @@ class MailboxStore:
                 unsubscribe()
             return f
 
-        return self.run(account, look).addCallbacks(opened, failed)
+        return self.look(account, name, claim_recent, None).addCallbacks(opened, failed)
+
+    def look(
+        self, account: str, name: str, claim_recent: bool, seen: FolderState | None
+    ) -> Deferred[Look]:
+        """
+        Pick up new mail in folder C{name} and return its state, the one shared by every view
+        on it, with the changes from C{seen} (what the caller saw last) to it. With
+        C{claim_recent}, claim the new messages as recent (L{MailIndex.claim_recent}).
+        """
+        key = (account, check_folder_name(name))
+
+        def start() -> Deferred[Look]:
+            base = self._snapshots.get(key, seen)
+            d = self._in_pool(account, lambda index: _look(index, key[1], claim_recent, base, seen))
+            return d.addCallback(remember)
+
+        def remember(result: Look) -> Look:
+            # Before the account's next operation starts (L{_serially}): it builds on this one.
+            self._snapshots[key] = result[0]
+            return result
+
+        return self._serially(account, start)
 
     def create_folder(self, account: str, name: str, special_use: str = "") -> Deferred[None]:
         return self.run(account, lambda index: index.create_folder(name, special_use))
@@ -273,7 +308,7 @@ class Folder:
         self.account = account
         self.name = state.name
         self.state = state
-        self._paths: dict[int, str] | None = None
+        """The folder's state as of the last look: shared with the other views on it."""
         self._cur: str | None = None
         self.recent_from = 0
         """After a look that claimed recent messages: the lowest UID claimed (0: none)."""
@@ -287,13 +322,19 @@ class Folder:
         return self.state.messages
 
     def path(self, uid: int) -> str:
-        """The file of message C{uid} as of the last look (a string: cheaper than a Path)."""
-        if self._paths is None:
-            self._paths = {m.uid: m.filename for m in self.state.messages}
+        """
+        The file of message C{uid} as of the last look (a string: cheaper than a Path).
+
+        @raise KeyError: the last look did not see C{uid}.
+        """
+        state = self.state
+        i = bisect.bisect_left(state.uids, uid)
+        if i == len(state.uids) or state.uids[i] != uid:
+            raise KeyError(uid)
         if self._cur is None:
             root = mailbox_path(self.store.root, self.account)
             self._cur = os.fspath(folder_directory(root, self.name) / "cur") + os.sep
-        return self._cur + self._paths[uid]
+        return self._cur + state.messages[i].filename
 
     def close(self) -> None:
         """Stop listening to changes."""
@@ -307,27 +348,28 @@ class Folder:
             d.addCallback(self.store._notify_then(self.account, self.name, self._listener))
         return d
 
-    def refresh(self, claim_recent: bool = False) -> Deferred[FolderState]:
+    def look(self, claim_recent: bool = False) -> Deferred[tuple[FolderState, Changes | None]]:
         """
         Look again (pick up new mail, see others' changes); C{state} is the new state. With
         C{claim_recent}, messages no session has seen yet become recent for this view: those
         with a UID at or above L{recent_from}.
+
+        @return: (the new state, the changes from the previous one to it, or None when they
+            cannot be compared: the folder has another UIDVALIDITY now).
         """
-        name = self.name
 
-        def look(index: MailIndex) -> tuple[FolderState, int]:
-            index.sync(name)
-            first = index.claim_recent(name) if claim_recent else 0
-            return index.state(name), first
-
-        def update(result: tuple[FolderState, int]) -> FolderState:
-            state, first = result
+        def update(result: Look) -> tuple[FolderState, Changes | None]:
+            state, changes, first = result
             self.state = state
             self.recent_from = first
-            self._paths = None
-            return state
+            return state, changes
 
-        return self.store.run(self.account, look).addCallback(update)
+        d = self.store.look(self.account, self.name, claim_recent, self.state)
+        return d.addCallback(update)
+
+    def refresh(self, claim_recent: bool = False) -> Deferred[FolderState]:
+        """L{look}, for callers that need only the new state."""
+        return self.look(claim_recent).addCallback(lambda result: result[0])
 
     def changes_since(self, modseq: int) -> Deferred[Changes]:
         name = self.name
@@ -373,3 +415,26 @@ class Folder:
 
         d = self._run(transfer, notify=move)
         return d.addCallback(self.store._notify_then(self.account, target, None))
+
+
+def _look(
+    index: MailIndex,
+    name: str,
+    claim_recent: bool,
+    base: FolderState | None,
+    seen: FolderState | None,
+) -> Look:
+    """
+    In the pool: pick up new mail, claim recent messages if asked, and build the folder's
+    state from C{base} (the newest shared one); the changes are those from C{seen}.
+    """
+    index.sync(name)
+    first = index.claim_recent(name) if claim_recent else 0
+    state, changes = index.state_since(name, base)
+    if seen is None or seen is base:
+        return state, changes if seen is not None else None, first
+    if seen is state:
+        return state, Changes(state.highestmodseq, (), ()), first
+    if seen.uidvalidity != state.uidvalidity or seen.highestmodseq > state.highestmodseq:
+        return state, None, first
+    return state, index.changes_since(name, seen.highestmodseq), first
