@@ -239,36 +239,41 @@ class SubmissionClientTests(TestCase):
             self.assert_arrived(subject)
 
     async def test_neomutt_batch_send(self) -> None:
-        """neomutt in batch mode (-n -F muttrc) sends through the STARTTLS submission port."""
+        """neomutt in batch mode (-n -F muttrc) sends over STARTTLS and over implicit TLS."""
         neomutt = need("neomutt")
         server = await self.start()
         home = Path(self.mktemp()).absolute()
         home.mkdir()
         cert = server.data_dir / "tls" / "cert.pem"
-        muttrc = home / "muttrc"
-        muttrc.write_text(
-            f'set smtp_url="smtp://{ALICE.replace("@", "%40")}@127.0.0.1:{self.starttls_port()}/"\n'
-            f'set smtp_pass="{PASSWORD}"\n'
-            "set ssl_starttls=yes\n"
-            "set ssl_force_tls=yes\n"
-            f'set certificate_file="{cert}"\n'
-            "set ssl_verify_host=no\n"
-            f'set from="{ALICE}"\n'
-            "set use_from=yes\n"
-            'set record=""\n'
-            "set charset=utf-8\n"
-            "set send_charset=utf-8\n"
-        )
+        user = ALICE.replace("@", "%40")
         env = {
             "HOME": str(home),
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
             "TERM": "dumb",
             "LANG": "C.UTF-8",
         }
-        argv = [neomutt, "-n", "-F", str(muttrc), "-s", "neomutt batch", "--", BOB]
-        await in_thread(run, argv, b"Sent by neomutt in batch mode.\n", env)
-        stored = self.assert_arrived("neomutt batch")
-        self.assertIn(b"Sent by neomutt in batch mode.", stored)
+        for subject, url in (
+            ("neomutt starttls", f"smtp://{user}@127.0.0.1:{self.starttls_port()}/"),
+            ("neomutt implicit", f"smtps://{user}@127.0.0.1:{self.implicit_port()}/"),
+        ):
+            muttrc = home / "muttrc"
+            muttrc.write_text(
+                f'set smtp_url="{url}"\n'
+                f'set smtp_pass="{PASSWORD}"\n'
+                "set ssl_starttls=yes\n"
+                "set ssl_force_tls=yes\n"
+                f'set certificate_file="{cert}"\n'
+                "set ssl_verify_host=no\n"
+                f'set from="{ALICE}"\n'
+                "set use_from=yes\n"
+                'set record=""\n'
+                "set charset=utf-8\n"
+                "set send_charset=utf-8\n"
+            )
+            argv = [neomutt, "-n", "-F", str(muttrc), "-s", subject, "--", BOB]
+            await in_thread(run, argv, f"Sent by neomutt: {subject}.\n".encode(), env)
+            stored = self.assert_arrived(subject)
+            self.assertIn(f"Sent by neomutt: {subject}.".encode(), stored)
 
 
 class SubmissionRefusalTests(TestCase):
