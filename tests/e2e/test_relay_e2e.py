@@ -343,3 +343,50 @@ class QueueCrashTests(TestCase):
         await in_thread(server.stop)
         queue = server.data_dir / "queue"
         self.assertEqual(sorted(p.name for p in queue.glob("*.env")), [])
+
+
+class SmarthostTests(TestCase):
+    async def test_all_remote_mail_through_smarthost_with_auth(self) -> None:
+        """
+        With [relay] set, remote mail goes to the smarthost (AUTH PLAIN with the password from
+        password_file), whatever the recipient domain's MX says; a [[route]] still wins.
+        """
+        port, sinks = start_sinks(
+            reactor,
+            {
+                "127.0.0.7": SinkBehaviour(auth=("relayuser", "s3cret pw"), auth_required=True),
+                "127.0.0.8": SinkBehaviour(),
+            },
+        )
+        for sink in sinks.values():
+            self.addCleanup(sink.stop)
+        secret = Path(self.mktemp()).absolute()
+        secret.write_text("s3cret pw\n")
+        extra = f"""
+[relay]
+host = "[127.0.0.7]:{port}"
+tls = "none"
+user = "relayuser"
+password_file = "{secret}"
+
+[[route]]
+domain = "partner.test"
+host = "[127.0.0.8]:{port}"
+tls = "none"
+"""
+        server = await start_server(self, extra=extra, listeners=LISTENERS)
+        await in_thread(
+            submit,
+            server.port("submission"),
+            [
+                ("someone@anywhere.example", message("via smarthost", "someone@anywhere.example")),
+                ("pat@partner.test", message("via route", "pat@partner.test")),
+            ],
+        )
+        smarthost, partner = sinks["127.0.0.7"], sinks["127.0.0.8"]
+        await until(lambda: len(smarthost.messages) == 1 and len(partner.messages) == 1)
+        [relayed] = smarthost.messages
+        self.assertEqual(relayed.recipients, ["someone@anywhere.example"])
+        self.assertEqual(relayed.auth, "relayuser")
+        self.assertEqual(partner.messages[0].recipients, ["pat@partner.test"])
+        self.assertIsNone(partner.messages[0].auth)
