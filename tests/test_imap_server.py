@@ -26,6 +26,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 
 from mailserver.auth import LoginFailed
+from mailserver.imap import server as imap_server
 from mailserver.imap.server import IMAPFactory, IMAPServer, IMAPSettings
 from mailserver.limits import ConnectionLimiter
 from mailserver.store.index import INBOX, MailIndex
@@ -562,6 +563,139 @@ class StreamingTests(IMAPTestCase):
         producer.resumeProducing()
         self.assertEqual(len(c.take()), 0)
         self.assertGreater(before, 0)
+
+
+class FastFetchTests(IMAPTestCase):
+    """
+    FETCH of only UID, FLAGS, RFC822.SIZE, INTERNALDATE, MODSEQ and whole messages takes the
+    fast path (one C{os.read} per canonical file, no buffered file object); its answers are
+    the same octets as the general path's.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.opened: list[str] = []
+
+        def recording_open(path: str, *args: Any, **kwargs: Any) -> Any:
+            self.opened.append(path)
+            return open(path, *args, **kwargs)
+
+        # The general path opens message files with the built-in open(); record those.
+        setattr(imap_server, "open", recording_open)  # noqa: B010
+        self.addCleanup(delattr, imap_server, "open")
+
+    def test_several_messages_byte_exact(self) -> None:
+        data = [message(1), message(2, 5000), message(3, 70000)]
+        self.add(*data)
+        c = self.connect()
+        self.login(c, INBOX)
+        c.send(b"k STORE 2 +FLAGS ($Label \\Flagged)\r\n")
+        c.take()
+        c.writes()
+        c.send(b"a UID FETCH 1:* (FLAGS BODY.PEEK[] RFC822.SIZE)\r\n")
+        flags = [b"(\\Recent)", b"(\\Flagged \\Recent $Label)", b"(\\Recent)"]
+        expected = b"".join(
+            b"* %d FETCH (UID %d FLAGS %s BODY[] {%d}\r\n%s RFC822.SIZE %d)\r\n"
+            % (n, n, flags[n - 1], len(d), d, len(d))
+            for n, d in enumerate(data, 1)
+        )
+        self.assertEqual(c.take(), expected + b"a OK UID FETCH completed\r\n")
+        self.assertEqual(len(c.writes()), 1)
+        self.assertEqual(self.opened, [])
+
+    def test_rfc822_sets_seen(self) -> None:
+        """RFC822 in a read-write session sets \\Seen, and FLAGS comes after the message."""
+        data = message(1)
+        self.add(data)
+        c = self.connect()
+        self.login(c, INBOX)
+        c.send(b"a FETCH 1 (RFC822)\r\n")
+        self.assertEqual(
+            c.take(),
+            b"* 1 FETCH (RFC822 {%d}\r\n%s FLAGS (\\Recent \\Seen))\r\na OK FETCH completed\r\n"
+            % (len(data), data),
+        )
+        self.assertEqual(self.opened, [])
+
+    def test_vanished_file(self) -> None:
+        """A file gone from the disk: that message's answer is its UID and FLAGS."""
+        data = [message(1), message(2), message(3)]
+        self.add(*data)
+        c = self.connect()
+        self.login(c, INBOX)
+        folder = c.protocol._folder
+        assert folder is not None
+        Path(folder.path(2)).unlink()
+        c.send(b"a FETCH 1:* (BODY.PEEK[])\r\n")
+        self.assertEqual(
+            c.take(),
+            b"* 1 FETCH (BODY[] {%d}\r\n%s)\r\n" % (len(data[0]), data[0])
+            + b"* 2 FETCH (UID 2 FLAGS ())\r\n"
+            + b"* 3 FETCH (BODY[] {%d}\r\n%s)\r\n" % (len(data[2]), data[2])
+            + b"a OK FETCH completed\r\n",
+        )
+
+    def test_non_canonical_file_falls_back(self) -> None:
+        """
+        A file whose size is not the message's CRLF size (here rewritten with bare LFs by
+        another program) takes the general path: converted to CRLF as it is sent.
+        """
+        data = [message(1), message(2, 300), message(3)]
+        self.add(*data)
+        c = self.connect()
+        self.login(c, INBOX)
+        folder = c.protocol._folder
+        assert folder is not None
+        Path(folder.path(2)).write_bytes(data[1].replace(b"\r\n", b"\n"))
+        c.send(b"a FETCH 1:* (UID BODY.PEEK[])\r\n")
+        expected = b"".join(
+            b"* %d FETCH (UID %d BODY[] {%d}\r\n%s)\r\n" % (n, n, len(d), d)
+            for n, d in enumerate(data, 1)
+        )
+        self.assertEqual(c.take(), expected + b"a OK FETCH completed\r\n")
+        self.assertEqual(self.opened, [folder.path(2)])
+
+    def test_many_messages_stream_in_batches(self) -> None:
+        """
+        Many messages: the answer is streamed by the producer, in a few large writes (each
+        a batch of messages), byte for byte the messages in order.
+        """
+        data = [message(n, 5120) for n in range(1, 201)]
+        self.add(*data)
+        transport = SlowReaderTransport()
+        c = self.connect(transport)
+        self.login(c, INBOX)
+        c.send(b"a FETCH 1:* (BODY.PEEK[])\r\n")
+        rounds = 0
+        while transport.producer is not None:
+            self.assertLess(rounds, 1000)
+            transport.producer.resumeProducing()
+            rounds += 1
+        expected = b"".join(
+            b"* %d FETCH (BODY[] {%d}\r\n%s)\r\n" % (n, len(d), d) for n, d in enumerate(data, 1)
+        )
+        self.assertEqual(c.take(), expected + b"a OK FETCH completed\r\n")
+        writes = c.writes()
+        self.assertGreater(len(writes), 2)
+        self.assertLess(len(writes), 20)
+        self.assertLess(max(len(w) for w in writes), 512 * 1024)
+        self.assertEqual(self.opened, [])
+
+    def test_large_message_among_small_ones_is_streamed(self) -> None:
+        """A message over the inline limit takes the general path (streamed from its file)."""
+        data = [message(1), message(2, 400 * 1024), message(3)]
+        self.add(*data)
+        c = self.connect()
+        self.login(c, INBOX)
+        c.send(b"a FETCH 1:* (BODY.PEEK[] RFC822.SIZE)\r\n")
+        expected = b"".join(
+            b"* %d FETCH (BODY[] {%d}\r\n%s RFC822.SIZE %d)\r\n" % (n, len(d), d, len(d))
+            for n, d in enumerate(data, 1)
+        )
+        self.assertEqual(c.take(), expected + b"a OK FETCH completed\r\n")
+        folder = c.protocol._folder
+        assert folder is not None
+        self.assertEqual(self.opened, [folder.path(2)])
 
 
 class ListTests(IMAPTestCase):

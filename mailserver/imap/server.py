@@ -1397,7 +1397,11 @@ class IMAPServer(Protocol):
             lookup = self._store.run(folder.account, lambda index: index.parsed(name, wanted))
             lookup.addCallback(cache.update)
             d = lookup if d is None else d.addCallback(lambda _: lookup)
-        pieces = self._fetch_pieces(tag, uids, atts, uid, cache, learned)
+        plan = _fast_plan(atts)
+        if plan is not None:
+            pieces = self._fetch_fast(tag, uids, plan, atts, uid, cache, learned)
+        else:
+            pieces = self._fetch_pieces(tag, uids, atts, uid, cache, learned)
 
         def send(_: object = None) -> Deferred[None] | None:
             sent = self._send_stream(pieces)
@@ -1469,12 +1473,118 @@ class IMAPServer(Protocol):
             info = box.messages.get(uid)
             if info is None:
                 continue
-            try:
-                yield from self._fetch_one(box, folder, info, atts, cache, learned)
-            except FileNotFoundError:
-                flags = flag_list(info.flags)
-                yield f"* {box.msn(uid)} FETCH (UID {uid} FLAGS {flags})\r\n".encode()
+            yield from self._fetch_message(box, folder, info, atts, cache, learned)
         yield f"{tag} OK {'UID ' if uid_command else ''}FETCH completed\r\n".encode()
+
+    def _fetch_message(
+        self,
+        box: SelectedMailbox,
+        folder: Folder,
+        info: MessageInfo,
+        atts: list[FetchAtt],
+        cache: dict[int, tuple[bytes, bytes, bytes]],
+        learned: dict[int, tuple[bytes, bytes, bytes]],
+    ) -> Iterator[bytes]:
+        """One message's FETCH response by the general path (a vanished file: UID and FLAGS)."""
+        try:
+            yield from self._fetch_one(box, folder, info, atts, cache, learned)
+        except FileNotFoundError:
+            yield _vanished(box, info)
+
+    def _fetch_fast(
+        self,
+        tag: str,
+        uids: list[int],
+        plan: tuple[tuple[int, bytes], ...],
+        atts: list[FetchAtt],
+        uid_command: bool,
+        cache: dict[int, tuple[bytes, bytes, bytes]],
+        learned: dict[int, tuple[bytes, bytes, bytes]],
+    ) -> Iterator[bytes]:
+        """
+        L{_fetch_pieces} for a FETCH of only UID, FLAGS, RFC822.SIZE, INTERNALDATE, MODSEQ and
+        whole messages (L{_fast_plan}): the bulk download. Each canonical message of at most
+        L{_INLINE} octets is read with one C{os.read} and its response built at once; the
+        responses leave in batches of about L{_BATCH} octets (one C{bytes} each). Any other
+        message (a file that is not canonical, a large one, streamed) takes the general path.
+        """
+        box, folder = self._box, self._folder
+        assert box is not None and folder is not None
+        get = box.messages.get
+        msn = box.msn
+        flags_of = box.flags_of
+        path = folder.path
+        needs_file = any(code == _F_WHOLE for code, _ in plan)
+        flag_text: dict[frozenset[str], bytes] = {}
+        dates: dict[int, bytes] = {}
+        os_open, os_fstat, os_read, os_close = os.open, os.fstat, os.read, os.close
+        mode = os.O_RDONLY | os.O_CLOEXEC
+        out: list[bytes] = []
+        pending = 0
+        for uid in uids:
+            info = get(uid)
+            if info is None:
+                continue
+            size = info.size
+            data: bytes | None = b""
+            if needs_file:
+                if size > _INLINE:
+                    data = None
+                else:
+                    try:
+                        fd = os_open(path(uid), mode)
+                    except FileNotFoundError:
+                        out.append(_vanished(box, info))
+                        continue
+                    try:
+                        if os_fstat(fd).st_size != size:
+                            data = None
+                        else:
+                            data = os_read(fd, size)
+                            if len(data) < size:
+                                data = _read_rest(fd, data, size)
+                    finally:
+                        os_close(fd)
+            if data is None:
+                # Not canonical, or large: the general path (which streams a large one).
+                if out:
+                    yield b"".join(out)
+                    out, pending = [], 0
+                yield from self._fetch_message(box, folder, info, atts, cache, learned)
+                continue
+            out.append(b"* %d FETCH (" % msn(uid))
+            for code, label in plan:
+                if code == _F_WHOLE:
+                    out.append(label % size)
+                    out.append(data)
+                elif code == _F_UID:
+                    out.append(label % uid)
+                elif code == _F_FLAGS:
+                    flags = flags_of(uid)
+                    text = flag_text.get(flags)
+                    if text is None:
+                        text = flag_text[flags] = flag_list(flags).encode()
+                    out.append(label)
+                    out.append(text)
+                elif code == _F_SIZE:
+                    out.append(label % size)
+                elif code == _F_DATE:
+                    when = info.internaldate
+                    date = dates.get(when)
+                    if date is None:
+                        date = dates[when] = _imap_date(when).encode()
+                    out.append(label)
+                    out.append(date)
+                    out.append(b'"')
+                else:
+                    out.append(label % info.modseq)
+            out.append(b")\r\n")
+            pending += size + 64
+            if pending >= _BATCH:
+                yield b"".join(out)
+                out, pending = [], 0
+        out.append(f"{tag} OK {'UID ' if uid_command else ''}FETCH completed\r\n".encode())
+        yield b"".join(out)
 
     def _fetch_one(
         self,
@@ -1612,6 +1722,61 @@ def _matches(pattern: str, name: str) -> bool:
         for c in pattern
     )
     return re.fullmatch(regex, name, re.IGNORECASE if name == INBOX else 0) is not None
+
+
+def _vanished(box: SelectedMailbox, info: MessageInfo) -> bytes:
+    """The response for a message whose file has vanished: its UID and FLAGS only."""
+    flags = flag_list(info.flags)
+    return f"* {box.msn(info.uid)} FETCH (UID {info.uid} FLAGS {flags})\r\n".encode()
+
+
+def _read_rest(fd: int, data: bytes, size: int) -> bytes:
+    """C{data} (a short first read of C{fd}) and the rest, to C{size} octets or the end."""
+    parts = [data]
+    got = len(data)
+    while got < size:
+        more = os.read(fd, size - got)
+        if not more:
+            break
+        parts.append(more)
+        got += len(more)
+    return b"".join(parts)
+
+
+_F_UID, _F_FLAGS, _F_SIZE, _F_DATE, _F_MODSEQ, _F_WHOLE = range(6)
+_FAST_SIMPLE = {
+    "UID": (_F_UID, b"UID %d"),
+    "FLAGS": (_F_FLAGS, b"FLAGS "),
+    "RFC822.SIZE": (_F_SIZE, b"RFC822.SIZE %d"),
+    "INTERNALDATE": (_F_DATE, b'INTERNALDATE "'),
+    "MODSEQ": (_F_MODSEQ, b"MODSEQ (%d)"),
+}
+_BATCH = 64 * 1024
+"""Octets of responses the fast FETCH path gathers into one C{bytes}."""
+
+
+def _fast_plan(atts: list[FetchAtt]) -> tuple[tuple[int, bytes], ...] | None:
+    """
+    For a FETCH whose items are only UID, FLAGS, RFC822.SIZE, INTERNALDATE, MODSEQ and whole
+    messages (C{BODY[]}, C{BODY.PEEK[]}, C{RFC822}; no partial), each item's kind and the
+    text that starts it (the separator included; a C{%d} for its number), else C{None}.
+    """
+    plan: list[tuple[int, bytes]] = []
+    for att in atts:
+        name = att.name
+        sep = b" " if plan else b""
+        simple = _FAST_SIMPLE.get(name) if att.section is None else None
+        if simple is not None:
+            plan.append((simple[0], sep + simple[1]))
+        elif att.partial is None and (
+            (name == "RFC822" and att.section is None)
+            or (name == "BODY" and att.section is not None and att.section == Section())
+        ):
+            label = "RFC822" if name == "RFC822" else att.response_name()
+            plan.append((_F_WHOLE, sep + label.encode() + b" {%d}\r\n"))
+        else:
+            return None
+    return tuple(plan)
 
 
 def _imap_date(timestamp: int) -> str:
