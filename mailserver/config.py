@@ -168,6 +168,9 @@ class QueueConfig:
     command_timeout: float = 300.0
     """Seconds to wait for any one reply of the next hop (RFC 5321 §4.5.3.2 asks up to 10 min
     after the final dot; 5 minutes is Postfix's default)."""
+    connection_cache_time: float = 2.0
+    """Seconds a connection whose send is done stays open, idle, for the next send to the same
+    domain (Postfix's smtp_connection_cache_time_limit); 0: every send opens its own."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -528,6 +531,7 @@ def parse(text: str, source: str = "<string>", base_dir: Path | None = None) -> 
             "messages_per_connection": _positive_int,
             "connect_timeout": _positive_duration,
             "command_timeout": _positive_duration,
+            "connection_cache_time": parse_duration,
             "mx_port": _port_number,
         },
     )

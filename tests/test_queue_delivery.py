@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet import reactor as _reactor
+from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import SkipTest, TestCase
 from zope.interface.verify import verifyObject
 
@@ -81,7 +82,9 @@ class OutboundTestCase(TestCase):
     def outbound(self, port: int, **kw: Any) -> Outbound:
         resolver = Resolver(reactor, [self.dns.nameserver], timeout=5)
         queue = kw.pop("queue", QueueConfig(mx_port=port, connect_timeout=5, command_timeout=10))
-        return Outbound(reactor, resolver, queue, "mail.here.test", **kw)
+        outbound = Outbound(reactor, resolver, queue, "mail.here.test", **kw)
+        self.addCleanup(outbound.close_idle)
+        return outbound
 
     def message(
         self, *rcpts: str, body: bytes = BODY, sender: str = "sender@here.test", **kw: Any
@@ -189,7 +192,11 @@ class MXTests(OutboundTestCase):
         """MX hosts of equal preference share the mail (seeded random source)."""
         self.dns.set("example.test", "MX", [(10, "mx1.example.test"), (10, "mx2.example.test")])
         port, s = self.sinks(mx1=None, mx2=None)
-        outbound = self.outbound(port, rng=random.Random(7))
+        # Without the connection cache: each send chooses again.
+        queue = QueueConfig(
+            mx_port=port, connect_timeout=5, command_timeout=10, connection_cache_time=0
+        )
+        outbound = self.outbound(port, rng=random.Random(7), queue=queue)
         for _ in range(12):
             await outbound.send("example.test", [self.message()])
             if s["mx1"].messages and s["mx2"].messages:
@@ -529,3 +536,212 @@ class RouteAndRelayTests(OutboundTestCase):
             "partner.test", [self.message("p@partner.test")]
         )
         self.assertEqual(results[0][0].outcome, "sent")
+
+
+class _SplitReactor:
+    """The real reactor for connections, a L{Clock} for time (timers we can advance)."""
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+
+    def callLater(self, delay: float, f: Any, *args: Any, **kw: Any) -> Any:
+        return self.clock.callLater(delay, f, *args, **kw)
+
+    def seconds(self) -> float:
+        return self.clock.seconds()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(reactor, name)
+
+
+async def _until(predicate: Any, seconds: float = 5.0) -> None:
+    """Wait (bounded, real time) for C{predicate} to hold."""
+    for _ in range(int(seconds / 0.01)):
+        if predicate():
+            return
+        await deferLater(reactor, 0.01, lambda: None)
+    raise AssertionError("condition not met in time")
+
+
+class ConnectionCacheTests(OutboundTestCase):
+    """A connection left idle by one send serves the next send for the same domain."""
+
+    def queue(self, port: int, **kw: Any) -> QueueConfig:
+        return QueueConfig(mx_port=port, connect_timeout=5, command_timeout=10, **kw)
+
+    async def test_sequential_sends_share_one_connection(self) -> None:
+        port, s = self.sinks(mx1=None)
+        outbound = self.outbound(port)
+        first = await outbound.send("example.test", [self.message("a@example.test")])
+        self.assertEqual(outbound.idle_connections, 1)
+        mx_queries = len(self.dns.queries)
+        second = await outbound.send("example.test", [self.message("b@example.test")])
+        self.assertEqual([first[0][0].outcome, second[0][0].outcome], ["sent", "sent"])
+        self.assertEqual(s["mx1"].connections, 1)
+        self.assertEqual(
+            [m.recipients for m in s["mx1"].messages], [["a@example.test"], ["b@example.test"]]
+        )
+        self.assertEqual(len(self.dns.queries), mx_queries)  # no look-up for a cache hit
+        self.assertNotIn("QUIT", s["mx1"].commands)
+        self.assertNotIn("RSET", s["mx1"].commands)
+        self.assertEqual(outbound.idle_connections, 1)
+
+    async def test_idle_connection_closed_after_cache_time(self) -> None:
+        """QUIT after connection_cache_time idle (the clock given to Outbound)."""
+        port, s = self.sinks(mx1=None)
+        clock = Clock()
+        resolver = Resolver(reactor, [self.dns.nameserver], timeout=5)
+        queue = self.queue(port, connection_cache_time=2.0)
+        outbound = Outbound(_SplitReactor(clock), resolver, queue, "mail.here.test")
+        self.addCleanup(outbound.close_idle)
+        await outbound.send("example.test", [self.message()])
+        self.assertEqual(outbound.idle_connections, 1)
+        clock.advance(1.9)
+        await deferLater(reactor, 0.05, lambda: None)
+        self.assertEqual(outbound.idle_connections, 1)
+        self.assertNotIn("QUIT", s["mx1"].commands)
+        clock.advance(0.2)
+        self.assertEqual(outbound.idle_connections, 0)
+        await outbound.close_idle()  # waits for the QUIT in progress
+        self.assertEqual(s["mx1"].commands[-1], "QUIT")
+        await _until(lambda: not s["mx1"]._open)
+        await outbound.send("example.test", [self.message()])
+        self.assertEqual(s["mx1"].connections, 2)
+
+    async def test_idle_connection_closed_in_real_time(self) -> None:
+        port, s = self.sinks(mx1=None)
+        outbound = self.outbound(port, queue=self.queue(port, connection_cache_time=0.1))
+        await outbound.send("example.test", [self.message()])
+        await _until(lambda: outbound.idle_connections == 0 and not s["mx1"]._open)
+        self.assertEqual(s["mx1"].commands[-1], "QUIT")
+
+    async def test_peer_closes_idle_connection(self) -> None:
+        """The peer closes the idle connection: out of the cache; the next send reconnects."""
+        port, s = self.sinks(mx1=None)
+        outbound = self.outbound(port)
+        await outbound.send("example.test", [self.message()])
+        for proto in list(s["mx1"]._open):
+            proto.transport.write(b"421 4.4.2 sink.test idle too long\r\n")
+            proto.transport.loseConnection()
+        await _until(lambda: outbound.idle_connections == 0)
+        results = await outbound.send("example.test", [self.message()])
+        self.assertEqual(results[0][0].outcome, "sent")
+        self.assertEqual(s["mx1"].connections, 2)
+        self.assertEqual(len(s["mx1"].messages), 2)
+
+    async def test_stale_cached_connection_is_not_a_deferral(self) -> None:
+        """
+        The peer drops the cached connection just as it is reused (no reply to MAIL): the
+        message goes on a new connection, not deferred.
+        """
+        port, s = self.sinks(mx1=None)
+        outbound = self.outbound(port)
+        await outbound.send("example.test", [self.message("a@example.test")])
+        self.assertEqual(outbound.idle_connections, 1)
+        # In the same turn: the client cannot have seen it before it sends MAIL.
+        for proto in list(s["mx1"]._open):
+            proto.transport.abortConnection()
+        messages = [self.message("b@example.test"), self.message("c@example.test")]
+        results = await outbound.send("example.test", messages)
+        self.assertEqual(
+            self.outcomes(results), [[("b@example.test", "sent")], [("c@example.test", "sent")]]
+        )
+        self.assertEqual(s["mx1"].connections, 2)
+        self.assertEqual(
+            [m.recipients[0] for m in s["mx1"].messages],
+            ["a@example.test", "b@example.test", "c@example.test"],
+        )
+
+    async def test_lost_after_mail_reply_on_reused_connection_defers(self) -> None:
+        """
+        Lost after MAIL was answered (lock-step, lost in DATA): the connection was alive, so
+        that message is deferred as ever, not sent again.
+        """
+        port, s = self.sinks(mx1=SinkBehaviour(pipelining=False))
+        outbound = self.outbound(port)
+        await outbound.send("example.test", [self.message()])
+        behaviour = SinkBehaviour(pipelining=False, drop_in_data=2)  # counts all transactions
+        s["mx1"].behaviour = behaviour
+        for proto in s["mx1"]._open:
+            proto.b = behaviour
+        results = await outbound.send("example.test", [self.message("b@example.test")])
+        self.assertEqual(self.outcomes(results), [[("b@example.test", "deferred")]])
+        self.assertEqual(s["mx1"].connections, 1)
+
+    async def test_not_kept_after_a_deferral(self) -> None:
+        """A host that said "later" is not kept: the retry connects (and looks up) afresh."""
+        port, s = self.sinks(mx1=SinkBehaviour(temp_fail=1))
+        outbound = self.outbound(port)
+        results = await outbound.send("example.test", [self.message()])
+        self.assertEqual(results[0][0].outcome, "deferred")
+        self.assertEqual(outbound.idle_connections, 0)
+        results = await outbound.send("example.test", [self.message()])
+        self.assertEqual(results[0][0].outcome, "sent")
+        self.assertEqual(s["mx1"].connections, 2)
+        self.assertEqual(outbound.idle_connections, 1)
+
+    async def test_messages_per_connection_across_sends(self) -> None:
+        port, s = self.sinks(mx1=None)
+        outbound = self.outbound(port, queue=self.queue(port, messages_per_connection=3))
+        for _ in range(2):
+            results = await outbound.send("example.test", [self.message()])
+            self.assertEqual(results[0][0].outcome, "sent")
+        results = await outbound.send("example.test", [self.message(), self.message()])
+        self.assertEqual([m[0].outcome for m in results], ["sent", "sent"])
+        # 3 on the first connection (QUIT when full), the 4th on a second one, kept.
+        self.assertEqual(s["mx1"].connections, 2)
+        self.assertEqual(s["mx1"].commands.count("QUIT"), 1)
+        self.assertEqual(outbound.idle_connections, 1)
+        for _ in range(2):
+            await outbound.send("example.test", [self.message()])
+        self.assertEqual(s["mx1"].connections, 2)
+        self.assertEqual(outbound.idle_connections, 0)  # full again: closed, not kept
+        self.assertEqual(len(s["mx1"].messages), 6)
+
+    async def test_domains_do_not_share(self) -> None:
+        """Another domain with the very same MX host gets its own connection."""
+        self.dns.set("other.test", "MX", [(10, "mx1.example.test")])
+        port, s = self.sinks(mx1=None)
+        outbound = self.outbound(port)
+        await outbound.send("example.test", [self.message("a@example.test")])
+        results = await outbound.send("other.test", [self.message("b@other.test")])
+        self.assertEqual(results[0][0].outcome, "sent")
+        self.assertEqual(s["mx1"].connections, 2)
+        self.assertEqual(outbound.idle_connections, 2)
+        await outbound.send("other.test", [self.message("c@other.test")])
+        await outbound.send("example.test", [self.message("d@example.test")])
+        self.assertEqual(s["mx1"].connections, 2)
+
+    async def test_bounded_per_domain(self) -> None:
+        """Concurrent sends: at most connections_per_domain kept; the others QUIT."""
+        port, s = self.sinks(mx1=None)
+        outbound = self.outbound(port, queue=self.queue(port, connections_per_domain=2))
+        sends = [outbound.send("example.test", [self.message()]) for _ in range(3)]
+        for d in sends:
+            results = await d
+            self.assertEqual(results[0][0].outcome, "sent")
+        self.assertEqual(s["mx1"].connections, 3)
+        self.assertEqual(outbound.idle_connections, 2)
+        self.assertEqual(s["mx1"].commands.count("QUIT"), 1)
+
+    async def test_cache_off(self) -> None:
+        port, s = self.sinks(mx1=None)
+        outbound = self.outbound(port, queue=self.queue(port, connection_cache_time=0))
+        for _ in range(2):
+            await outbound.send("example.test", [self.message()])
+        self.assertEqual(s["mx1"].connections, 2)
+        self.assertEqual(outbound.idle_connections, 0)
+
+    async def test_close_idle_closes_all(self) -> None:
+        self.dns.set("other.test", "MX", [(10, "mx2.example.test")])
+        port, s = self.sinks(mx1=None, mx2=None)
+        outbound = self.outbound(port)
+        await outbound.send("example.test", [self.message("a@example.test")])
+        await outbound.send("other.test", [self.message("b@other.test")])
+        self.assertEqual(outbound.idle_connections, 2)
+        await outbound.close_idle()
+        self.assertEqual(outbound.idle_connections, 0)
+        self.assertEqual(s["mx1"].commands[-1], "QUIT")
+        self.assertEqual(s["mx2"].commands[-1], "QUIT")
+        await _until(lambda: not s["mx1"]._open and not s["mx2"]._open)
+        await outbound.close_idle()  # nothing left: fires at once

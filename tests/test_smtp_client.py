@@ -412,6 +412,48 @@ class TransactionTests(ClientTestCase):
         self.assertEqual(transport.value().count(b"MAIL FROM"), 3)
         self.assertEqual(client.messages, 3)
 
+    def test_idle_between_transactions(self) -> None:
+        """Idle (cacheable) only between transactions, with nothing awaited."""
+        client, transport = self.connect()
+        self.ready(client)
+        self.assertTrue(client.idle)
+        results = results_of(client.deliver(self.message()))
+        self.assertFalse(client.idle)
+        client.dataReceived(b"250 ok\r\n250 ok\r\n354 go\r\n")
+        self.assertFalse(client.idle)
+        client.dataReceived(b"250 ok\r\n")
+        self.assertEqual([r.outcome for r in results], ["sent"])
+        self.assertTrue(client.idle)
+        self.assertEqual(client.mail_reply.code if client.mail_reply else None, 250)
+        client.connectionLost(Failure(ConnectionLost()))
+        self.assertFalse(client.idle)
+
+    def test_mail_reply_when_lost(self) -> None:
+        """The connection lost before MAIL's reply: mail_reply says no reply came (code 0)."""
+        client, transport = self.connect()
+        self.ready(client)
+        results = results_of(client.deliver(self.message()))
+        client.connectionLost(Failure(ConnectionLost()))
+        self.assertEqual([r.outcome for r in results], ["deferred"])
+        assert client.mail_reply is not None
+        self.assertEqual(client.mail_reply.code, 0)
+        later = results_of(client.deliver(self.message()))
+        self.assertEqual([r.outcome for r in later], ["deferred"])
+        self.assertIsNone(client.mail_reply)  # that one sent no MAIL
+
+    def test_unsolicited_reply_ends_session(self) -> None:
+        """A reply while nothing is awaited (a 421 idle timeout): the session is over."""
+        client, transport = self.connect()
+        self.ready(client)
+        client.dataReceived(b"421 4.4.2 mx.example.test idle too long\r\n")
+        self.assertFalse(client.usable)
+        self.assertFalse(client.idle)
+        self.assertTrue(transport.disconnecting)
+        client.connectionLost(Failure(ConnectionLost()))
+        results = results_of(client.deliver(self.message()))
+        self.assertEqual([r.outcome for r in results], ["deferred"])
+        self.assertIn("idle too long", results[0].text)
+
     def test_unreadable_file(self) -> None:
         client, transport = self.connect()
         self.ready(client)

@@ -17,6 +17,18 @@ C{messages_per_connection}); if it dies between messages, a new connection is ma
 number of times) for the rest. When no address takes mail, every message is deferred with the
 last error, which names the host and the reason.
 
+Connection cache (Postfix's C{smtp_connection_cache_on_demand}): a connection whose send is
+done, still usable and under C{messages_per_connection} transactions, is not closed but kept
+idle for C{connection_cache_time}, for the next send to the same domain and next hop (same
+route, smarthost or MX lookup, TLS policy and credentials: the key is the domain and its hop).
+That send takes it instead of connecting, without looking the MX hosts up again. At most
+C{connections_per_domain} idle connections are kept per key and C{connections} in all; one the
+peer closes leaves the cache at once; L{Outbound.close_idle} closes them all (at stop). A
+connection on which something was deferred is not kept: the retry looks the next hop up again
+(and may find another MX host) rather than going back to the host that said "later". A cached
+connection that turns out dead when reused (no reply to MAIL, or a 421 and the connection gone:
+the peer closed it while it waited) does not defer the message: it goes on a new connection.
+
 TLS: mail to MX hosts uses opportunistic STARTTLS (encrypted when offered, certificate not
 checked, RFC 7435); a route or the smarthost may require it (C{starttls}: STARTTLS must be
 offered, C{implicit}: TLS from the first byte), and then the certificate must be valid for the
@@ -33,13 +45,14 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from twisted.internet import error as neterror
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.endpoints import (
     TCP4ClientEndpoint,
     TCP6ClientEndpoint,
     connectProtocol,
     wrapClientTLS,
 )
+from twisted.internet.interfaces import IDelayedCall
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -74,6 +87,10 @@ class _Hop:
     auth: tuple[str, str] | None
     own_mx: bool
     """The domain's own MX (no route, no smarthost): DNS answers about it are final."""
+
+
+_Key = tuple[str, _Hop]
+"""What a cached connection may be used for: the domain and its next hop."""
 
 
 class _Verdict(Exception):
@@ -161,6 +178,12 @@ class Outbound:
                 raise OSError("relay.user is set but relay.password_file is not")
             lines = self._relay.password_file.read_text(encoding="utf-8").splitlines()
             self._relay_auth = (self._relay.user, lines[0] if lines else "")
+        self._idle: dict[_Key, list[SMTPClient]] = {}
+        """The cached connections of each key, the most recently used last."""
+        self._expiry: dict[SMTPClient, tuple[_Key, IDelayedCall]] = {}
+        """Each cached connection's key and the timer that closes it (oldest first)."""
+        self._closing: set[Deferred[None]] = set()
+        """Cached connections being closed in the background."""
 
     # -- IOutbound -------------------------------------------------------------------------
 
@@ -180,6 +203,24 @@ class Outbound:
             return [_all(m, "deferred", 0, text) for m in batch]
 
         return d.addErrback(internal)
+
+    def close_idle(self) -> Deferred[None]:
+        """
+        Close (QUIT) every cached idle connection; fires once they, and any being closed in
+        the background, are closed (each within the command timeout). Connections of sends
+        still running are cached again when those end: call this once sending has stopped.
+        """
+        waits = list(self._closing)
+        for client in list(self._expiry):
+            self._uncache(client)
+            waits.append(self._close_later(client))
+        d = DeferredList(waits, consumeErrors=True)
+        return d.addCallback(lambda _: None)
+
+    @property
+    def idle_connections(self) -> int:
+        """How many connections are cached now."""
+        return len(self._expiry)
 
     # -- the next hop ----------------------------------------------------------------------
 
@@ -249,32 +290,57 @@ class Outbound:
 
     async def _send(self, domain: str, messages: list[Outgoing]) -> list[list[RcptResult]]:
         hop = self._hop_for(domain)
-        known: dict[str, list[str]] = {}
-        try:
-            names = await self._mail_hosts(hop, known)
-        except _Verdict as v:
-            return [_all(m, v.outcome, v.code, v.text) for m in messages]
-        addresses = _Addresses(self._resolver, names, known)
+        key = (domain, hop)
+        limit = self._queue.messages_per_connection
         results: dict[int, list[RcptResult]] = {}
         todo = list(range(len(messages)))
+        cached = self._take(key)
+        addresses: _Addresses | None = None
         start = 0
         losses = 0
         last = SessionError("4.4.1 no address to connect to")
         while todo:
-            opened = await self._connect(hop, addresses, start)
-            if isinstance(opened, SessionError):
-                last = opened
-                break
-            client, start = opened
-            sent = 0
-            while todo and client.usable and sent < self._queue.messages_per_connection:
+            reused = cached is not None
+            if cached is not None:
+                client, cached = cached, None
+            else:
+                if addresses is None:
+                    known: dict[str, list[str]] = {}
+                    try:
+                        names = await self._mail_hosts(hop, known)
+                    except _Verdict as v:
+                        for i in todo:
+                            results[i] = _all(messages[i], v.outcome, v.code, v.text)
+                        todo = []
+                        break
+                    addresses = _Addresses(self._resolver, names, known)
+                opened = await self._connect(hop, addresses, start)
+                if isinstance(opened, SessionError):
+                    last = opened
+                    break
+                client, start = opened
+            first = client.messages
+            stale = deferred = False
+            while todo and client.usable and client.messages < limit:
                 i = todo.pop(0)
-                results[i] = await client.deliver(messages[i])
-                sent += 1
+                before = client.messages
+                result = await client.deliver(messages[i])
+                if reused and before == first and _stale(client, result):
+                    # The peer closed the cached connection while it waited: not a failure
+                    # of the message, which goes on a new connection.
+                    todo.insert(0, i)
+                    stale = True
+                    break
+                results[i] = result
+                deferred = deferred or any(r.outcome == "deferred" for r in result)
             lost = not client.usable
+            if not todo and not lost and not deferred and self._cache(key, client):
+                break
             await self._close(client)
+            if stale:
+                continue
             if lost and todo:
-                if client.messages == 0:
+                if client.messages == first and not reused:
                     start += 1  # lost before any transaction: next address
                 losses += 1
                 last = SessionError(f"4.4.2 lost connection with {client.label}", 0, client.label)
@@ -286,6 +352,69 @@ class Outbound:
         for i in todo:
             results[i] = _all(messages[i], "deferred", code, _with_status(last.text), last.host)
         return [results[i] for i in range(len(messages))]
+
+    # -- the connection cache --------------------------------------------------------------
+
+    def _take(self, key: _Key) -> SMTPClient | None:
+        """A cached connection for C{key} (the most recently used), or None."""
+        clients = self._idle.get(key)
+        while clients:
+            client = clients[-1]
+            self._uncache(client)
+            if client.idle:
+                return client
+            self._close_later(client)
+        return None
+
+    def _cache(self, key: _Key, client: SMTPClient) -> bool:
+        """Keep C{client} for the next send of C{key}, if it can and may be kept."""
+        q = self._queue
+        if q.connection_cache_time <= 0 or not client.idle:
+            return False
+        if client.messages >= q.messages_per_connection:
+            return False
+        if len(self._idle.get(key, ())) >= q.connections_per_domain:
+            return False
+        if len(self._expiry) >= q.connections:
+            oldest = next(iter(self._expiry))
+            self._uncache(oldest)
+            self._close_later(oldest)
+        self._idle.setdefault(key, []).append(client)
+        timer = self._reactor.callLater(q.connection_cache_time, self._expire, client)
+        self._expiry[client] = (key, timer)
+        return True
+
+    def _uncache(self, client: SMTPClient) -> None:
+        """Take C{client} out of the cache (if it is there), its timer stopped."""
+        entry = self._expiry.pop(client, None)
+        if entry is None:
+            return
+        key, timer = entry
+        if timer.active():
+            timer.cancel()
+        clients = self._idle.get(key)
+        if clients is not None:
+            clients.remove(client)
+            if not clients:
+                del self._idle[key]
+
+    def _expire(self, client: SMTPClient) -> None:
+        """C{client} stayed idle for C{connection_cache_time}: close it."""
+        self._uncache(client)
+        self._close_later(client)
+
+    def _close_later(self, client: SMTPClient) -> Deferred[None]:
+        """QUIT C{client} in the background (L{close_idle} waits for it)."""
+        d: Deferred[None] = Deferred.fromCoroutine(self._close(client))
+        self._closing.add(d)
+
+        def done(result: object) -> object:
+            self._closing.discard(d)
+            return result
+
+        d.addBoth(done)
+        d.addErrback(lambda f: log.internal_error("outbound", client.label, "closing", f))
+        return d
 
     async def _connect(
         self, hop: _Hop, addresses: _Addresses, start: int
@@ -342,6 +471,8 @@ class Outbound:
         except SessionError as e:
             await self._closed(client)
             raise SessionError(_with_status(e.text, "4.4.2"), e.code, client.label)
+        # Closed by the peer while cached: out of the cache at once.
+        client.when_closed().addCallback(lambda _: self._uncache(client))
         return client
 
     async def _close(self, client: SMTPClient) -> None:
@@ -356,6 +487,18 @@ class Outbound:
         await client.when_closed()
         if timer.active():
             timer.cancel()
+
+
+def _stale(client: SMTPClient, results: list[RcptResult]) -> bool:
+    """
+    Whether a message sent on a reused connection met a connection its peer had closed in the
+    meantime: the session is gone, MAIL got no reply (or a 421, the server's goodbye) and no
+    recipient has a final answer. Nothing was accepted, so sending it again is safe.
+    """
+    if client.usable or any(r.outcome != "deferred" for r in results):
+        return False
+    reply = client.mail_reply
+    return reply is None or reply.code in (0, 421)
 
 
 def _policy(text: str) -> TLSPolicy:

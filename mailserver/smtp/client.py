@@ -311,6 +311,9 @@ class SMTPClient(Protocol):
         self.authenticated = False
         self.messages = 0
         """Message transactions started on this session."""
+        self.mail_reply: ServerReply | None = None
+        """The reply to the MAIL of the last L{deliver} (code 0: none came, the connection
+        went); None when that message sent no MAIL."""
         self._deadline = clock.seconds() + settings.connect_timeout
         self._buf = b""
         self._lines: list[str] = []
@@ -330,6 +333,12 @@ class SMTPClient(Protocol):
     def usable(self) -> bool:
         """Whether another message can be sent on this session."""
         return self._usable and self._connected
+
+    @property
+    def idle(self) -> bool:
+        """Usable and between transactions: no reply awaited, nothing being sent (a session
+        that can wait for its next message, as it is)."""
+        return self.usable and not self._pending and self._streamer is None and not self._lines
 
     @override
     def connectionMade(self) -> None:
@@ -429,7 +438,14 @@ class SMTPClient(Protocol):
             d, _ = self._pending.popleft()
             self._rearm()
             d.callback(reply)
-        return True
+            return True
+        # A reply to nothing: the server ends the session on its own (a 421 after it waited
+        # too long for our next command). Nothing more goes over this one.
+        if self._lost is None:
+            self._lost = f"{self.label} ended the session: {reply}"
+        self._usable = False
+        self._lose()
+        return False
 
     def _expect(self, what: str, timeout: float | None = None) -> Deferred[ServerReply]:
         """The next reply (C{what} names it in a timeout's text)."""
@@ -586,6 +602,7 @@ class SMTPClient(Protocol):
         return Deferred.fromCoroutine(self._deliver(message))
 
     async def _deliver(self, message: Outgoing) -> list[RcptResult]:
+        self.mail_reply = None
         if not self.usable:
             why = self._lost or f"no session with {self.label}"
             return self._all(message, "deferred", 0, f"4.4.2 {why}")
@@ -677,11 +694,11 @@ class SMTPClient(Protocol):
         whats = ["the reply to MAIL", *["the reply to RCPT"] * len(rcpts), "the reply to DATA"]
         if "PIPELINING" in self.extensions:
             replies = self._pipeline(lines, whats)
-            mail = await replies[0]
+            mail = self.mail_reply = await replies[0]
             answers = [await d for d in replies[1:-1]]
             data = await replies[-1]
         else:
-            mail = await self._command(lines[0], whats[0])
+            mail = self.mail_reply = await self._command(lines[0], whats[0])
             answers = []
             if mail.code // 100 == 2:
                 for line in lines[1:-1]:
