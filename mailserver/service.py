@@ -107,9 +107,11 @@ class MailService(MultiService):
         tls: ServerTLS | None,
         mailboxes: MailboxStore,
         queue: QueueService,
+        outbound: Outbound,
     ) -> None:
         super().__init__()
         self.queue = queue
+        self.outbound = outbound
         self._clock = clock
         self.pool = pool
         self.directory = directory
@@ -137,6 +139,7 @@ class MailService(MultiService):
             await self.tracker.drain(self._clock, self._grace)
             # After the sessions: a message they finish is still queued (and kept).
             await self.queue.stopService()
+            await self.outbound.close_idle()
         finally:
             self.pool.stop()
             self.mailboxes.close()
@@ -227,7 +230,7 @@ def build(config: Config, reactor: Any) -> MailService:
         hostname=server.hostname,
     )
     root = MailService(
-        reactor, pool, directory, tracker, server.shutdown_grace, tls, mailboxes, queue
+        reactor, pool, directory, tracker, server.shutdown_grace, tls, mailboxes, queue, outbound
     )
 
     for listener in config.listeners:

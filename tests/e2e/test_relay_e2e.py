@@ -147,6 +147,10 @@ command_timeout = "10s"
         [msg] = [m for m in self.sinks["127.0.0.3"].messages if "carol@remote.test" in m.recipients]
         self.assertEqual(msg.mail_from, ALICE)
         await until(lambda: self.queue_files() == [])
+        # The connection is kept for a moment for more mail; stopping the server QUITs it.
+        self.assertNotIn("QUIT", self.sinks["127.0.0.3"].commands)
+        await self.server.root.stopService()
+        self.assertIn("QUIT", self.sinks["127.0.0.3"].commands)
 
     async def test_preferred_mx_used_and_no_mx_means_a_record(self) -> None:
         """With both MX hosts up the preferred one gets it; a domain with no MX, its A host."""
