@@ -18,11 +18,13 @@ import time
 from collections.abc import Callable, Sequence
 from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TextIO
 
 from mailserver import config as configmodule
 from mailserver.config import Config, ConfigError
 from mailserver.directory import (
+    RECHECK,
     DirectoryError,
     SQLiteDirectory,
     normalize_address,
@@ -370,6 +372,10 @@ def _run_directory_command(command: Command, args: argparse.Namespace, console: 
             command(directory, args, console)
         finally:
             directory.close()
+        if getattr(args, "action", "list") != "list" and _server_running(config.server.data_dir):
+            # A running server asks for changes by others at most every RECHECK seconds:
+            # when this command returns, the server sees the change.
+            time.sleep(RECHECK)
     except (CommandError, DirectoryError) as e:
         console.complain(f"mailserver: {e}")
         return 1
@@ -377,6 +383,21 @@ def _run_directory_command(command: Command, args: argparse.Namespace, console: 
         console.complain(f"mailserver: directory database error: {e}")
         return 1
     return 0
+
+
+def _server_running(data_dir: Path) -> bool:
+    """Whether a server runs on C{data_dir} (it holds the queue's lock while it runs)."""
+    queue = data_dir / "queue"
+    if not queue.is_dir():
+        return False
+    try:
+        fd = try_lock(queue / ".lock")
+    except OSError:
+        return False
+    if fd is None:
+        return True
+    release_lock(fd)
+    return False
 
 
 # -- the queue -------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
+import math
 import os
 import re
 import secrets
@@ -44,6 +45,10 @@ from mailserver.sasl import SALT_SIZE, SCRAM_ITERATIONS, ScramCredentials, scram
 
 SCHEMA_VERSION = 2
 """The C{PRAGMA user_version} of the schema this module creates and reads."""
+RECHECK = 0.5
+"""Seconds a running server answers look-ups from its cache without asking SQLite whether
+another process (the CLI) changed the database; the CLI's changing commands wait this long
+before they return when a server runs, so what they did applies when they are done."""
 _CACHE_SIZE = 10_000  # look-up results kept; the cache is emptied when full
 VERIFIED_TTL = 900.0
 """Seconds a successful password check is remembered (Dovecot's auth cache does the same)."""
@@ -271,6 +276,8 @@ class SQLiteDirectory:
         primary_domain: str = "",
         *,
         hasher: PasswordHasher | None = None,
+        recheck: float = RECHECK,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         """
         Open (and create if needed) the database at C{path}.
@@ -279,6 +286,9 @@ class SQLiteDirectory:
         @param primary_domain: where C{postmaster} mail goes when the addressed domain has no
             postmaster (RFC 5321 §4.5.1); C{""} for none.
         @param hasher: the argon2id hasher for new passwords (tests pass a cheap one).
+        @param recheck: seconds a look-up result may be answered without asking SQLite whether
+            another connection (the CLI) changed the database; our own writes count at once.
+        @param monotonic: the clock of C{recheck}.
         @raise DirectoryError: the file cannot be opened or its schema is newer than this code.
         """
         self.path = path
@@ -291,6 +301,11 @@ class SQLiteDirectory:
         # the cache themselves. Saves a transaction and several queries per RCPT.
         self._cache: dict[tuple[str, str], Any] = {}
         self._data_version = -1
+        # Asking data_version costs a SQLite call that lets go of the GIL: on a busy server the
+        # reactor thread then waits for the I/O threads. Asked at most once per `recheck`.
+        self._recheck = recheck
+        self._monotonic = monotonic
+        self._checked_at = -math.inf
         self._verified: dict[bytes, float] = {}  # keyed digest -> monotonic expiry
         self._verified_key = secrets.token_bytes(32)
         self._fake_key = b""  # read from the database by _migrate
@@ -803,10 +818,13 @@ class SQLiteDirectory:
     def _cached(self, key: tuple[str, str], compute: Callable[[sqlite3.Connection], _V]) -> _V:
         """C{compute} in a read transaction, or its result from when the data was the same."""
         with self._lock:
-            (version,) = self._db.execute("PRAGMA data_version").fetchone()
-            if version != self._data_version:
-                self._data_version = version
-                self._cache.clear()
+            now = self._monotonic()
+            if now - self._checked_at >= self._recheck:
+                self._checked_at = now
+                (version,) = self._db.execute("PRAGMA data_version").fetchone()
+                if version != self._data_version:
+                    self._data_version = version
+                    self._cache.clear()
             if key in self._cache:
                 value: _V = self._cache[key]
                 return value
@@ -907,12 +925,15 @@ class SQLiteDirectory:
         return _dedupe(accounts)
 
 
-def open_directory(data_dir: Path, primary_domain: str = "") -> SQLiteDirectory:
+def open_directory(
+    data_dir: Path, primary_domain: str = "", *, recheck: float = RECHECK
+) -> SQLiteDirectory:
     """
     Open the directory of a server: C{data_dir/db/directory.sqlite}, creating C{data_dir/db}
     (owner only) if needed.
 
     @param primary_domain: see L{SQLiteDirectory}.
+    @param recheck: see L{SQLiteDirectory}.
     @raise DirectoryError: the database cannot be opened.
     """
     db_dir = data_dir / "db"
@@ -920,4 +941,4 @@ def open_directory(data_dir: Path, primary_domain: str = "") -> SQLiteDirectory:
         db_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError as e:
         raise DirectoryError(f"cannot create {db_dir}: {e}")
-    return SQLiteDirectory(db_dir / "directory.sqlite", primary_domain)
+    return SQLiteDirectory(db_dir / "directory.sqlite", primary_domain, recheck=recheck)

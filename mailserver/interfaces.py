@@ -25,7 +25,8 @@ if TYPE_CHECKING:
 class IDirectory(Interface):
     """
     Domains, accounts and aliases. Look-ups are small reads answered at once (no Deferred): they
-    always see the newest committed state, so changes by the admin CLI apply without a restart.
+    see the directory's own changes at once, and those of the admin CLI by the time its command
+    returns (L{mailserver.directory.RECHECK}), without a restart.
     """
 
     def is_local_domain(domain: str) -> bool:

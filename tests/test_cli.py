@@ -21,7 +21,7 @@ from mailserver import cli
 from mailserver import config as configmodule
 from mailserver.cli import EX_CONFIG, main
 from mailserver.config import QueueConfig
-from mailserver.directory import SQLiteDirectory, open_directory
+from mailserver.directory import RECHECK, SQLiteDirectory, open_directory
 from mailserver.queue.model import QueuedRecipient, Submission
 from mailserver.queue.service import QueueService
 from mailserver.queue.spool import QueueEntry, Spool, release_lock, try_lock
@@ -90,8 +90,10 @@ class CLITestCase(SynchronousTestCase):
         self.assertEqual(result.code, code, result)
         return result.err
 
-    def directory(self) -> SQLiteDirectory:
-        directory = open_directory(self.data_dir, "example.org")
+    def directory(self, recheck: float = 0.0) -> SQLiteDirectory:
+        """The directory as the server opens it (asking for other processes' changes every
+        C{recheck} seconds: by default at each look-up)."""
+        directory = open_directory(self.data_dir, "example.org", recheck=recheck)
         self.addCleanup(directory.close)
         return directory
 
@@ -253,12 +255,38 @@ class UserTests(CLITestCase):
         self.assertEqual(err, "mailserver: domain example.com does not exist\n")
 
     def test_seen_by_running_server(self) -> None:
-        """A directory opened before (the running server) sees users the CLI adds."""
+        """A directory opened before (the running server) sees users the CLI adds (within
+        its recheck time: a bounded wait here)."""
         self.with_domain()
-        server = self.directory()
+        server = self.directory(recheck=0.2)
         self.assertEqual(server.resolve("alice@example.org"), [])
         self.ok("user", "add", "alice@example.org", "--password-stdin", stdin=PASSWORD)
+        for _ in range(100):
+            if server.resolve("alice@example.org"):
+                break
+            time.sleep(0.01)
         self.assertEqual(server.resolve("alice@example.org"), ["alice@example.org"])
+
+
+class RunningServerWaitTests(CLITestCase):
+    """A changing command returns only once a running server can see the change."""
+
+    def timed(self, *argv: str, stdin: str = "") -> float:
+        started = time.monotonic()
+        self.ok(*argv, stdin=stdin)
+        return time.monotonic() - started
+
+    def test_waits_recheck_only_when_a_server_runs(self) -> None:
+        """With the queue lock held (a server), `domain add` takes RECHECK; `list` does not;
+        with no server, neither waits."""
+        self.assertLess(self.timed("domain", "add", "a.example"), RECHECK)
+        queue = self.data_dir / "queue"
+        queue.mkdir(parents=True, exist_ok=True)
+        fd = try_lock(queue / ".lock")
+        assert fd is not None
+        self.addCleanup(release_lock, fd)
+        self.assertGreaterEqual(self.timed("domain", "add", "b.example"), RECHECK)
+        self.assertLess(self.timed("domain", "list"), RECHECK)
 
 
 class DomainTests(CLITestCase):

@@ -52,7 +52,8 @@ class DirectoryTestCase(SynchronousTestCase):
             path = Path(self.mktemp())
             path.mkdir()
             path = path / "directory.sqlite"
-        directory = SQLiteDirectory(path, primary, hasher=cheap_hasher())
+        # recheck=0: every look-up asks whether another connection changed the database.
+        directory = SQLiteDirectory(path, primary, hasher=cheap_hasher(), recheck=0)
         self.addCleanup(directory.close)
         return directory
 
@@ -1093,11 +1094,28 @@ class MaySendAsTests(DirectoryTestCase):
         self.assertFalse(d.may_send_as("nobody@example.org", "nobody@example.org"))
         self.assertFalse(d.may_send_as("", "alice@example.org"))
 
-    def test_changes_seen_at_once(self) -> None:
-        """A change made by another connection (the CLI) applies to the next check."""
-        d = self.directory
+    def test_changes_seen_within_recheck(self) -> None:
+        """
+        A change made by another connection (the CLI) applies once C{recheck} seconds have
+        passed since the database was last asked (answers in between come from the cache);
+        this connection's own changes apply at once.
+        """
+        now = [100.0]
+        d = SQLiteDirectory(
+            self.directory.path,
+            "example.org",
+            hasher=cheap_hasher(),
+            recheck=1.0,
+            monotonic=lambda: now[0],
+        )
+        self.addCleanup(d.close)
         self.assertFalse(d.may_send_as("bob@example.org", "boss@example.org"))
         other = SQLiteDirectory(d.path, "example.org", hasher=cheap_hasher())
         other.add_sender("bob@example.org", "boss@example.org")
         other.close()
+        now[0] += 0.5
+        self.assertFalse(d.may_send_as("bob@example.org", "boss@example.org"))
+        now[0] += 0.5
         self.assertTrue(d.may_send_as("bob@example.org", "boss@example.org"))
+        d.remove_sender("bob@example.org", "boss@example.org")
+        self.assertFalse(d.may_send_as("bob@example.org", "boss@example.org"))
