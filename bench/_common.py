@@ -881,7 +881,7 @@ class OwnServer:
         self.dir = Path(tempfile.mkdtemp(prefix=prefix, dir=args.work_dir))
         self.data = self.dir / "data"
         self.cfg = self.dir / "mailserver.toml"
-        self.log = self.dir / "server.log"
+        self.log = self.dir / "server.out"
         self.listeners = listeners
         self.domain = domain
         self.limits = limits or {"connections": 1000, "connections_per_ip": 1000}
@@ -971,10 +971,12 @@ shutdown_grace = "5s"
         return self.data / "mail" / domain / local
 
     def twistd_args(self) -> list[str]:
+        # Logged as under systemd (etc/systemd/mailserver.service): our observer, JSON lines on
+        # standard output, which goes to server.out.
         return [
             "-n",
             "--pidfile=",
-            f"--logfile={self.log}",
+            "--logger=mailserver.log.observer",
             "mailserver",
             "--config",
             str(self.cfg),

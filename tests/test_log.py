@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 
 from twisted.logger import LogLevel, capturedLogs
 from twisted.trial.unittest import SynchronousTestCase
@@ -35,6 +36,7 @@ class EventTests(SynchronousTestCase):
             log.smtp_rejected("s1", "192.0.2.1", "RCPT", 550, "No such user here")
         for e in events:
             observer(e)
+        log.drain()
         lines = out.getvalue().strip("\n").split("\n")
         self.assertEqual(len(lines), 2)
         record = json.loads(lines[0].lstrip("\x1e"))
@@ -52,3 +54,30 @@ class EventTests(SynchronousTestCase):
         for e in events:
             observer(e)
         self.assertIn("[192.0.2.9] session=s1 RCPT rejected: 550 No such user here", out.getvalue())
+
+
+class BatchedWriterTests(SynchronousTestCase):
+    def test_lines_leave_together_on_drain(self) -> None:
+        """Writes and the observer's flushes cost nothing; drain writes them all at once."""
+        out = io.StringIO()
+        writer = log.BatchedWriter(out, start=False)
+        writer.write("one\n")
+        writer.flush()
+        writer.write("two\n")
+        self.assertEqual(out.getvalue(), "")
+        writer.drain()
+        self.assertEqual(out.getvalue(), "one\ntwo\n")
+        writer.drain()
+        self.assertEqual(out.getvalue(), "one\ntwo\n")
+
+    def test_thread_drains_within_interval(self) -> None:
+        """Left alone, collected lines reach the stream within a few intervals."""
+        out = io.StringIO()
+        writer = log.BatchedWriter(out, interval=0.01)
+        self.addCleanup(writer._stopped.set)
+        writer.write("line\n")
+        for _ in range(200):
+            if out.getvalue():
+                break
+            time.sleep(0.01)
+        self.assertEqual(out.getvalue(), "line\n")
