@@ -275,6 +275,24 @@ class AttemptTests(ServiceTestCase):
         self.assertEqual(len(self.outbound.calls), 2)
         self.assertEqual(self.envelope()["domains"]["example.net"]["attempts"], 2)
 
+    def test_small_message_sent_from_memory_until_restart(self) -> None:
+        """
+        A small message queued by this process goes to delivery with its content in memory
+        (the file's exact bytes); after a restart it is read from its file again.
+        """
+        self.outbound.policy = deferred
+        service = self.start()
+        self.successResultOf(self.submit(service))
+        [(_, [first])] = self.outbound.calls
+        self.assertEqual(first.data, PREFIX + BODY)
+        self.assertEqual(first.data, (self.root / "q1.msg").read_bytes())
+        service.stopService()
+        self.services.remove(service)
+        self.start()
+        self.reactor.advance(60)
+        self.assertEqual(len(self.outbound.calls), 2)
+        self.assertIsNone(self.outbound.calls[-1][1][0].data)
+
     def test_state_recorded_before_removal(self) -> None:
         """
         A failed recipient's state (and the notice it owes) reaches the disk before the

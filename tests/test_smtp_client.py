@@ -9,6 +9,7 @@ Real connections (TLS, AUTH, loopback sinks) are in L{tests.test_queue_delivery}
 from __future__ import annotations
 
 import base64
+import dataclasses
 import random
 from pathlib import Path
 from typing import Any
@@ -598,6 +599,21 @@ class BodyTests(ClientTestCase):
     def test_dot_stuffing(self) -> None:
         body = b".hidden\r\n..two\r\n.\r\nend\r\n"
         self.assertEqual(self.sent_body(body), b"..hidden\r\n...two\r\n..\r\nend\r\n.\r\n")
+
+    def test_body_from_memory_when_given(self) -> None:
+        """An Outgoing that carries its content is sent from it (the file is not opened),
+        stuffed and framed the same way."""
+        client, transport = self.connect()
+        self.ready(client)
+        message = self.message(b"on disk\r\n")
+        message.path.unlink()
+        message = dataclasses.replace(message, data=b".in memory\r\n", size=12)
+        results = results_of(client.deliver(message))
+        transport.take()
+        client.dataReceived(b"250 ok\r\n250 ok\r\n354 go\r\n")
+        self.assertEqual(transport.take(), b"..in memory\r\n.\r\n")
+        client.dataReceived(b"250 ok\r\n")
+        self.assertEqual([r.outcome for r in results], ["sent"])
 
     def test_missing_final_line_end(self) -> None:
         self.assertEqual(self.sent_body(b"no line end"), b"no line end\r\n.\r\n")

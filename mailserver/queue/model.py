@@ -90,6 +90,9 @@ class Outgoing:
     ret: Ret | None = None
     smtputf8: bool = False
     eight_bit: bool = False
+    data: bytes | None = None
+    """The file's content when the queue still holds it in memory (small messages queued by
+    this process): sent from here, so the file need not be read again."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -56,6 +56,11 @@ from mailserver.store.body import MessageBody
 
 T = TypeVar("T")
 
+MEMORY_COPY_LIMIT = 256 * 1024
+"""Messages up to this size queued by this process are kept in memory for their delivery."""
+MEMORY_HELD_LIMIT = 32 * 1024 * 1024
+"""At most this much in such copies; messages beyond it are read from their file."""
+
 Notifier = Callable[[str, str, bytes], Deferred[None]]
 """C{notify(notice_id, recipient, message)}: hand a notice over (delivered locally or queued
 with the null sender); fires once it is durable somewhere."""
@@ -110,6 +115,8 @@ class QueueService(Service):
         self._entries: dict[str, QueueEntry] = {}  # every entry on disk
         self._locks: dict[str, DeferredLock] = {}
         self._noticing: dict[str, bool] = {}  # queue id -> another notice pass wanted
+        self._copies: dict[str, bytes] = {}  # queue id -> the .msg content, small ones
+        self._held = 0  # octets in _copies
         self._lock_fd: int | None = None
         self._loaded = False
         self._load_waiters: list[Deferred[None]] = []
@@ -227,6 +234,11 @@ class QueueService(Service):
             del self._entries[qid]
             raise
         log.queued(qid, entry.sender, [r.address for r in entry.recipients], entry.size)
+        if entry.size <= MEMORY_COPY_LIMIT and self._held + entry.size <= MEMORY_HELD_LIMIT:
+            # Read back from the page cache on the reactor thread otherwise: an open and a
+            # read that each let go of the GIL while the I/O threads are busy.
+            copy = self._copies[qid] = prefix + body.read()
+            self._held += len(copy)
         if self.running and not entry.removed:  # (deleted by the admin meanwhile)
             self.scheduler.add(entry)
 
@@ -281,6 +293,7 @@ class QueueService(Service):
                 ret=job.entry.ret,
                 smtputf8=job.entry.smtputf8,
                 eight_bit=job.entry.eight_bit,
+                data=self._copies.get(job.entry.queue_id),
             )
             for job in jobs
         ]
@@ -458,6 +471,9 @@ class QueueService(Service):
             log.queue_error(Failure(), entry.queue_id, "removing the entry")
             return False
         if removed:
+            copy = self._copies.pop(entry.queue_id, None)
+            if copy is not None:
+                self._held -= len(copy)
             if self._entries.get(entry.queue_id) is entry:
                 del self._entries[entry.queue_id]
             self.scheduler.remove(entry.queue_id)

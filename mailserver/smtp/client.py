@@ -270,11 +270,15 @@ class _BodyStreamer:
 
 
 class _Body:
-    """A queued message's file, opened: small ones read in full, large ones kept open."""
+    """A queued message's file, opened: small ones read in full (or taken from memory when the
+    queue still has them), large ones kept open."""
 
     def __init__(self, message: Outgoing) -> None:
-        self.file: IO[bytes] | None = open(message.path, "rb")  # noqa: SIM115
-        self.data: bytes | None = None
+        self.file: IO[bytes] | None = None
+        self.data: bytes | None = message.data
+        if self.data is not None:
+            return
+        self.file = open(message.path, "rb")  # noqa: SIM115
         if message.size <= SMALL_BODY:
             try:
                 self.data = self.file.read()
