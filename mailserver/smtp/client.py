@@ -46,7 +46,7 @@ from zope.interface import implementer
 
 from mailserver import log
 from mailserver.queue.model import Outcome, Outgoing, QueuedRecipient, RcptResult
-from mailserver.transport import set_nodelay
+from mailserver.transport import set_nodelay, write_now
 
 __all__ = [
     "SMALL_BODY",
@@ -470,7 +470,7 @@ class SMTPClient(Protocol):
         """Send several commands in one write; their replies, in order."""
         replies = [self._expect(what) for what in whats]
         if self._connected and self.transport is not None:
-            self.transport.write(b"".join(line.encode("utf-8") + b"\r\n" for line in lines))
+            write_now(self.transport, b"".join(line.encode("utf-8") + b"\r\n" for line in lines))
         return replies
 
     def _answer_all(self, why: str) -> None:
@@ -750,7 +750,7 @@ class SMTPClient(Protocol):
             return await final
         if body.data is not None:
             framer = BodyFramer()
-            transport.write(framer.feed(body.data) + framer.end())
+            write_now(transport, framer.feed(body.data) + framer.end())
         else:
             assert body.file is not None
             self._streamer = _BodyStreamer(self, body.file)
