@@ -477,7 +477,7 @@ def _queue_show(spool: Spool, args: argparse.Namespace, console: Console) -> Non
             console.say(f"    notice owed: {r.notice}")
     console.say("")
     try:
-        header = spool.header_block(entry.queue_id)
+        header = spool.header_block(entry)
     except FileNotFoundError:
         raise CommandError(f"{entry.queue_id}: the message file is missing")
     for line in header.decode("utf-8", "replace").split("\r\n"):

@@ -588,6 +588,7 @@ class QueueCommandTests(CLITestCase):
         """An unreadable envelope is named on stderr; the others are listed."""
         self.queue("q1")
         (self.spool.root / "bad.env").write_bytes(b"{")
+        (self.spool.root / "bad.msg").write_bytes(b"x")
         result = self.cli("queue", "list")
         self.assertEqual(result.code, 0)
         self.assertIn("q1", result.out)

@@ -26,7 +26,7 @@ from mailserver.config import QueueConfig
 from mailserver.interfaces import IOutbound, IQueue
 from mailserver.queue.model import Notify, Outgoing, QueuedRecipient, RcptResult, Submission
 from mailserver.queue.service import QueueLocked, QueueService
-from mailserver.queue.spool import Spool, release_lock, try_lock, valid_queue_id
+from mailserver.queue.spool import Spool, encode_entry, release_lock, try_lock, valid_queue_id
 from mailserver.store.body import MessageBody
 
 HOUR = 3600.0
@@ -169,7 +169,7 @@ class ServiceTestCase(SynchronousTestCase):
         return service.submit(sub or submission(), PREFIX, body)
 
     def envelope(self, queue_id: str = "q1") -> dict[str, Any]:
-        data: dict[str, Any] = json.loads((self.root / f"{queue_id}.env").read_bytes())
+        data: dict[str, Any] = json.loads(encode_entry(Spool(self.root).read(queue_id)))
         return data
 
     def files(self) -> list[str]:
@@ -194,12 +194,12 @@ class SubmitTests(ServiceTestCase):
         with capturedLogs() as events:
             d = self.submit(service)
             self.assertNoResult(d)
-            self.assertFalse((self.root / "q1.env").exists())
+            self.assertFalse((self.root / "q1.msg").exists())
             self.assertEqual(self.outbound.calls, [])
             self.pool.run()
             self.successResultOf(d)
-        self.assertEqual(self.files(), ["control", "corrupt", "q1.env", "q1.msg"])
-        self.assertEqual((self.root / "q1.msg").read_bytes(), PREFIX + BODY)
+        self.assertEqual(self.files(), ["control", "corrupt", "q1.msg"])
+        self.assertEqual((self.root / "q1.msg").read_bytes()[: len(PREFIX + BODY)], PREFIX + BODY)
         self.assertEqual([e["event"] for e in events], ["queue.queued"])
         self.assertEqual(events[0]["size"], len(PREFIX + BODY))
         [(domain, [msg])] = self.outbound.calls
@@ -217,7 +217,7 @@ class SubmitTests(ServiceTestCase):
         self.failureResultOf(self.submit(service, submission("../x")), ValueError)
         empty = Submission("q2", "a@example.org", (), 0.0)
         self.failureResultOf(self.submit(service, empty), ValueError)
-        self.assertEqual(self.files(), ["control", "corrupt", "q1.env", "q1.msg"])
+        self.assertEqual(self.files(), ["control", "corrupt", "q1.msg"])
 
     def test_submit_after_stop_waits_for_next_start(self) -> None:
         """A message accepted while stopping is written, and tried at the next start."""
@@ -225,7 +225,7 @@ class SubmitTests(ServiceTestCase):
         self.stop(service)
         self.successResultOf(self.submit(service))
         self.assertEqual(self.outbound.calls, [])
-        self.assertTrue((self.root / "q1.env").exists())
+        self.assertTrue((self.root / "q1.msg").exists())
         self.start()
         self.assertEqual(len(self.outbound.calls), 1)
 
@@ -285,7 +285,7 @@ class AttemptTests(ServiceTestCase):
         self.successResultOf(self.submit(service))
         [(_, [first])] = self.outbound.calls
         self.assertEqual(first.data, PREFIX + BODY)
-        self.assertEqual(first.data, (self.root / "q1.msg").read_bytes())
+        self.assertEqual(first.data, (self.root / "q1.msg").read_bytes()[: first.size])
         service.stopService()
         self.services.remove(service)
         self.start()
@@ -381,7 +381,7 @@ class AttemptTests(ServiceTestCase):
         d = service.stopService()
         self.reactor.advance(30)
         self.successResultOf(d)
-        self.assertTrue((self.root / "q1.env").exists())
+        self.assertTrue((self.root / "q1.msg").exists())
         fd = try_lock(self.root / ".lock")
         assert fd is not None
         release_lock(fd)
@@ -592,7 +592,7 @@ class RealThreadPoolTests(TestCase):
         body.append(BODY)
         await service.submit(submission(received=cast(Any, reactor).seconds()), PREFIX, body)
         # Durable when submit fired: still on disk, or already handed on (only after the write).
-        self.assertTrue((root / "q1.env").exists() or outbound.calls)
+        self.assertTrue((root / "q1.msg").exists() or outbound.calls)
         for _ in range(500):
             if service.entry("q1") is None:
                 break

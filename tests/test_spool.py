@@ -21,6 +21,7 @@ from mailserver.queue.spool import (
     mark_due,
     parse_request,
     read_header_block,
+    read_trailing_envelope,
     release_lock,
     try_lock,
     valid_queue_id,
@@ -96,7 +97,9 @@ class StoreTests(SpoolTestCase):
         )
         size = self.spool.store(entry, PREFIX, body_of())
         self.assertEqual(size, len(PREFIX) + len(BODY))
-        self.assertEqual(self.spool.message_path("q1").read_bytes(), PREFIX + BODY)
+        written = self.spool.message_path("q1").read_bytes()
+        self.assertEqual(written[:size], PREFIX + BODY)
+        self.assertEqual(read_trailing_envelope(self.spool.message_path("q1")), encode_entry(entry))
         loaded = self.spool.load()
         self.assertEqual((loaded.corrupt, loaded.cleaned), ([], []))
         [got] = loaded.entries
@@ -112,18 +115,32 @@ class StoreTests(SpoolTestCase):
 
     def test_write_order(self) -> None:
         """
-        The message is fsynced and renamed, then the envelope is fsynced and renamed (the
-        commit point), then the directory is fsynced: all before C{store} returns.
+        A new entry is one file, fsynced (message, envelope and trailer in it), then the
+        directory is fsynced: both before C{store} returns; no rename, no second file.
         """
         calls = self.record()
         self.store()
         root = str(self.root.absolute())
-        self.assertEqual([c[0] for c in calls], ["fsync", "rename", "fsync", "rename", "fsync"])
-        self.assertIn(".q1.msg.", calls[0][1])
-        self.assertEqual(calls[1], ("rename", "q1.msg"))
-        self.assertIn(".q1.env.", calls[2][1])
-        self.assertEqual(calls[3], ("rename", "q1.env"))
-        self.assertEqual(calls[4], ("fsync", root))
+        self.assertEqual(
+            calls, [("fsync", str((self.root / "q1.msg").absolute())), ("fsync", root)]
+        )
+        self.assertEqual(sorted(os.listdir(self.root)), ["control", "corrupt", "q1.msg"])
+
+    def test_torn_write_is_never_an_entry(self) -> None:
+        """
+        A C{.msg} cut short at any octet (a crash before its fsync finished: never
+        acknowledged) is cleaned at load, never loaded and never taken for corrupt; only the
+        whole file is an entry.
+        """
+        self.store("q1")
+        whole = self.spool.message_path("q1").read_bytes()
+        for cut in [*range(0, len(whole), 7), len(whole) - 1]:
+            self.spool.message_path("q1").write_bytes(whole[:cut])
+            loaded = self.spool.load()
+            self.assertEqual((loaded.entries, loaded.corrupt), ([], []), cut)
+            self.assertEqual(loaded.cleaned, ["q1.msg"], cut)
+        self.spool.message_path("q1").write_bytes(whole)
+        self.assertEqual([e.queue_id for e in self.spool.load().entries], ["q1"])
 
     def test_existing_id_refused(self) -> None:
         """A second entry with the same id is refused; the first is untouched."""
@@ -157,7 +174,8 @@ class StoreTests(SpoolTestCase):
 
 class UpdateTests(SpoolTestCase):
     def test_save_state(self) -> None:
-        """A saved state (sent, failed, attempts, next try, owed notice) is what loads."""
+        """A saved state (sent, failed, attempts, next try, owed notice) is what loads, and
+        what C{read} gives, not the envelope the message file was first written with."""
         entry = self.store()
         bob, carol = entry.recipients
         bob.state, bob.code, bob.text, bob.host = "sent", 250, "2.0.0 ok", "mx[192.0.2.1]"
@@ -177,6 +195,7 @@ class UpdateTests(SpoolTestCase):
         self.assertEqual(got.domains["example.com"].attempts, 2)
         self.assertEqual(got.domains["example.com"].next_try, 5000.0)
         self.assertTrue(got.delay_notified)
+        self.assertEqual(encode_entry(self.spool.read("q1")), encode_entry(entry))
 
     def test_save_order(self) -> None:
         """An update fsyncs the new envelope, renames it over the old, then fsyncs the dir."""
@@ -188,13 +207,15 @@ class UpdateTests(SpoolTestCase):
         self.assertEqual(calls[2], ("fsync", str(self.root.absolute())))
 
     def test_remove_order(self) -> None:
-        """Removal unlinks the envelope first, then the message, then fsyncs the directory."""
-        self.store()
+        """Removal unlinks the message first (the entry is gone), then the envelope, then
+        fsyncs the directory."""
+        entry = self.store()
+        self.spool.save(entry)
         calls = self.record()
         self.assertTrue(self.spool.remove("q1"))
         self.assertEqual(
             calls,
-            [("unlink", "q1.env"), ("unlink", "q1.msg"), ("fsync", str(self.root.absolute()))],
+            [("unlink", "q1.msg"), ("unlink", "q1.env"), ("fsync", str(self.root.absolute()))],
         )
         self.assertEqual(self.spool.load().entries, [])
         self.assertFalse(self.spool.remove("q1"))
@@ -211,30 +232,43 @@ class UpdateTests(SpoolTestCase):
 class LoadTests(SpoolTestCase):
     def test_crash_leftovers_cleaned(self) -> None:
         """
-        Temporary files and a message without an envelope (a submission that never
-        committed) are removed at load; the complete entry loads.
+        Temporary files, a message without a complete trailer or an envelope (a submission
+        that never committed) and an envelope without its message (a removal half done) are
+        removed at load; the complete entry loads.
         """
         self.store("good")
         (self.root / "orphan.msg").write_bytes(b"half a message")
-        (self.root / ".x.msg.0a1b2c.tmp").write_bytes(b"tmp")
+        (self.root / "removed.env").write_bytes(encode_entry(self.spool.read("good")))
         (self.root / ".good.env.0a1b2c.tmp").write_bytes(b"{")
         loaded = self.spool.load()
         self.assertEqual([e.queue_id for e in loaded.entries], ["good"])
         self.assertEqual(
-            sorted(loaded.cleaned), [".good.env.0a1b2c.tmp", ".x.msg.0a1b2c.tmp", "orphan.msg"]
+            sorted(loaded.cleaned), [".good.env.0a1b2c.tmp", "orphan.msg", "removed.env"]
         )
+        self.assertEqual(sorted(os.listdir(self.root)), ["control", "corrupt", "good.msg"])
+
+    def test_entry_of_the_two_file_format_loads(self) -> None:
+        """
+        An entry written before the trailer existed (a C{.msg} that is the message alone and
+        a C{.env}) loads and reads as before: nothing queued is lost on an upgrade.
+        """
+        entry = self.store("old")
+        self.spool.message_path("old").write_bytes(PREFIX + BODY)
+        self.spool.envelope_path("old").write_bytes(encode_entry(entry))
+        [got] = self.spool.load().entries
+        self.assertEqual(encode_entry(got), encode_entry(entry))
         self.assertEqual(
-            sorted(os.listdir(self.root)), ["control", "corrupt", "good.env", "good.msg"]
+            self.spool.header_block(got), PREFIX + b"From: alice@example.org\r\nSubject: hi\r\n"
         )
 
     def test_corrupt_moved_aside(self) -> None:
         """
-        Unreadable envelopes (truncated, not JSON, unknown version, wrong id, bad field) and
-        an envelope whose message is missing go to corrupt/ with their message; the start
-        goes on with the good entries.
+        Unreadable envelopes (truncated, not JSON, unknown version, wrong id, bad field), in
+        a C{.env} or in the trailer of a C{.msg}, and an envelope whose message is shorter than
+        it says go to corrupt/ with their message; the start goes on with the good entries.
         """
         self.store("good")
-        good = self.spool.envelope_path("good").read_bytes()
+        good = encode_entry(self.spool.read("good"))
         bad = {
             "truncated": good[: len(good) // 2],
             "garbage": b"\xff\xfe not json",
@@ -245,21 +279,26 @@ class LoadTests(SpoolTestCase):
         for name, data in bad.items():
             (self.root / f"{name}.env").write_bytes(data)
             (self.root / f"{name}.msg").write_bytes(b"x")
-        (self.root / "nomsg.env").write_bytes(good.replace(b'"good"', b'"nomsg"'))
+        (self.root / "short.env").write_bytes(good.replace(b'"good"', b'"short"'))
+        (self.root / "short.msg").write_bytes(b"x")
+        self.store("trailing")
+        whole = self.spool.message_path("trailing").read_bytes()
+        self.spool.message_path("trailing").write_bytes(
+            whole.replace(b'"version":1', b'"version":7')
+        )
         loaded = self.spool.load()
         self.assertEqual([e.queue_id for e in loaded.entries], ["good"])
         reasons = dict(loaded.corrupt)
-        self.assertEqual(set(reasons), {*bad, "nomsg"})
+        self.assertEqual(set(reasons), {*bad, "short", "trailing"})
         self.assertIn("version", reasons["future"])
+        self.assertIn("version", reasons["trailing"])
         self.assertIn("file name", reasons["otherid"])
-        self.assertEqual(reasons["nomsg"], "message file missing")
+        self.assertIn("shorter", reasons["short"])
         moved = sorted(os.listdir(self.root / "corrupt"))
         self.assertIn("truncated.env", moved)
         self.assertIn("truncated.msg", moved)
-        self.assertIn("nomsg.env", moved)
-        self.assertEqual(
-            sorted(os.listdir(self.root)), ["control", "corrupt", "good.env", "good.msg"]
-        )
+        self.assertIn("trailing.msg", moved)
+        self.assertEqual(sorted(os.listdir(self.root)), ["control", "corrupt", "good.msg"])
         # A second corrupt entry of the same name does not overwrite the first.
         (self.root / "garbage.env").write_bytes(b"again")
         (self.root / "garbage.msg").write_bytes(b"x")
@@ -282,7 +321,8 @@ class LoadTests(SpoolTestCase):
         self.store("b", received=2000.0)
         self.store("a", received=3000.0)
         (self.root / "bad.env").write_bytes(b"{")
-        (self.root / "orphan.msg").write_bytes(b"x")
+        (self.root / "bad.msg").write_bytes(b"x")
+        (self.root / "orphan.msg").write_bytes(b"x")  # being written (or torn): not an entry
         before = sorted(os.listdir(self.root))
         entries, bad = self.spool.scan()
         self.assertEqual([e.queue_id for e in entries], ["b", "a"])
@@ -305,25 +345,30 @@ class LoadTests(SpoolTestCase):
 class HeaderBlockTests(SynchronousTestCase):
     def path(self, data: bytes) -> Path:
         p = Path(self.mktemp())
-        p.write_bytes(data)
+        p.write_bytes(data + b"{trailing envelope}\r\n\r\n")
         return p
 
     def test_header_block(self) -> None:
         """The header section ends with its last CRLF, before the empty line."""
+        data = PREFIX + BODY
         self.assertEqual(
-            read_header_block(self.path(PREFIX + BODY)),
+            read_header_block(self.path(data), len(data)),
             PREFIX + b"From: alice@example.org\r\nSubject: hi\r\n",
         )
 
     def test_no_body(self) -> None:
-        """A message without an empty line is all header; one starting with it has none."""
-        self.assertEqual(read_header_block(self.path(b"A: b\r\n")), b"A: b\r\n")
-        self.assertEqual(read_header_block(self.path(b"\r\nbody\r\n")), b"")
+        """
+        A message without an empty line is all header, and stops at the message's end (not at
+        what the file holds after it); one starting with it has none.
+        """
+        self.assertEqual(read_header_block(self.path(b"A: b\r\n"), 6), b"A: b\r\n")
+        self.assertEqual(read_header_block(self.path(b"\r\nbody\r\n"), 8), b"")
 
     def test_long_header_is_cut_at_a_line(self) -> None:
         """A huge header section is cut to 256 KiB, after a whole line."""
         line = b"X-Long: " + b"a" * 90 + b"\r\n"
-        head = read_header_block(self.path(line * 5000 + b"\r\nbody"))
+        data = line * 5000 + b"\r\nbody"
+        head = read_header_block(self.path(data), len(data))
         self.assertLessEqual(len(head), 256 * 1024)
         self.assertTrue(head.endswith(b"\r\n"))
         self.assertEqual(len(head) % len(line), 0)

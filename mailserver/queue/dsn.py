@@ -69,6 +69,9 @@ class Original:
     envid: str | None = None
     ret: Ret | None = None
     smtputf8: bool = False
+    size: int | None = None
+    """The message's length in its queue file, which may hold more after it (None: the whole
+    file is the message)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,22 +108,27 @@ def status_of(code: int, text: str, action: Action) -> str:
     return {"failed": "5.0.0", "delayed": "4.0.0"}.get(action, "2.0.0")
 
 
-def read_original(path: Path, full: bool, limit: int = RETURN_LIMIT) -> tuple[bytes, bytes | None]:
+def read_original(
+    path: Path, size: int | None, full: bool, limit: int = RETURN_LIMIT
+) -> tuple[bytes, bytes | None]:
     """
     Read the queued message C{path} for a notice, once.
 
+    @param size: the message's length: the file may hold more after it (None: the whole file).
     @param full: the whole message is wanted (when it is at most C{limit} octets).
     @return: its header section (ending with its last CRLF, without the empty line; at most
         L{HEADER_LIMIT} octets) and the whole message, or None when not wanted or too large.
     """
     with open(path, "rb") as f:
-        if full and os.fstat(f.fileno()).st_size <= limit:
-            whole = f.read()
+        if size is None:
+            size = os.fstat(f.fileno()).st_size
+        if full and size <= limit:
+            whole = f.read(size)
             return header_section(whole), whole
-        return _read_headers(f), None
+        return _read_headers(f, size), None
 
 
-def _read_headers(f: BinaryIO) -> bytes:
+def _read_headers(f: BinaryIO, size: int) -> bytes:
     buf = b""
     while True:
         head = _complete_header(buf)
@@ -129,7 +137,7 @@ def _read_headers(f: BinaryIO) -> bytes:
         if len(buf) >= HEADER_LIMIT:
             cut = buf[:HEADER_LIMIT].rfind(b"\r\n")
             return buf[: cut + 2] if cut >= 0 else b""
-        chunk = f.read(_READ_CHUNK)
+        chunk = f.read(min(_READ_CHUNK, size - len(buf)))
         if not chunk:
             return buf
         buf += chunk
@@ -168,7 +176,7 @@ def build_notice(
     headers, and only without C{RET=HDRS}). Blocking: it reads the file.
     """
     full = kind == "failure" and original.ret != "HDRS"
-    headers, whole = read_original(message, full, limit)
+    headers, whole = read_original(message, original.size, full, limit)
     return compose(
         kind,
         original,

@@ -84,8 +84,10 @@ class Outgoing:
     recipients: tuple[QueuedRecipient, ...]
     """Only those still to deliver, all in the same destination domain."""
     path: Path
-    """The message file: canonical CRLF lines, our C{Received:} on top, not dot-stuffed."""
+    """The message file: canonical CRLF lines, our C{Received:} on top, not dot-stuffed. It may
+    hold more after the message (the queue's envelope): read C{size} octets."""
     size: int
+    """The message's length."""
     envid: str | None = None
     ret: Ret | None = None
     smtputf8: bool = False

@@ -395,6 +395,7 @@ class QueueService(Service):
             envid=entry.envid,
             ret=entry.ret,
             smtputf8=entry.smtputf8,
+            size=entry.size,
         )
         try:
             data = await self._in_pool(

@@ -5,26 +5,38 @@ calls it directly).
 
 Layout under C{<data_dir>/queue/}::
 
-    <id>.msg      the message: our header block (C{prefix}) then the body, canonical CRLF
-    <id>.env      its envelope and delivery state, JSON (L{encode_entry})
+    <id>.msg      the message: our header block (C{prefix}) then the body, canonical CRLF;
+                  as first written, followed by its envelope (L{TRAILER})
+    <id>.env      its envelope and delivery state once they changed, JSON (L{encode_entry})
     .lock         flock()ed by the running server (the CLI asks it to find a live server)
     control/      requests of the CLI to the running server (L{write_request})
     corrupt/      envelopes that could not be read, moved aside for inspection
 
-Writing a new entry: the C{.msg} goes to a temporary name, is fsynced and renamed; then the
-C{.env} the same way; then the directory is fsynced. The C{.env} rename is the commit point: an
-entry exists when its C{.env} does. A later change rewrites the C{.env} the same way (the
-directory fsync shared between concurrent writers, L{DirectorySync}). Removal unlinks the
-C{.env} first (the entry is gone), then the C{.msg}, then fsyncs the directory.
+Writing a new entry is one file: the C{.msg} is created under its final name, filled with the
+message, the envelope and a fixed-size trailer that gives both lengths, fsynced, and then the
+directory is fsynced (shared between concurrent writers, L{DirectorySync}). The trailer is the
+commit point: a C{.msg} without a C{.env} whose trailer is not complete and consistent is a
+write that never finished (never acknowledged), and L{Spool.load} removes it. One file and one
+fsync (on ext4 that fsync also commits the new directory entry, so the directory fsync that
+follows finds nothing left to do) instead of two files, two renames and two journal commits:
+the submission's reply waits for one commit, not two (docs/design.md, "Relay speed").
+
+A later change of the state writes the C{.env} (temporary name, fsync, rename, directory
+fsync); from then on it, not the trailer, is the entry's envelope. C{entry.size} always gives
+the message's length: readers of the C{.msg} stop there. (Entries written before the trailer
+existed have a C{.msg} that is the message alone and always a C{.env}: they read the same way.)
+Removal unlinks the C{.msg} first (the entry is gone), then the C{.env}, then fsyncs the
+directory; a C{.env} left without its C{.msg} is a removal half done, and is cleaned.
 
 Crash window: a recipient that the next hop accepted, but whose "sent" record did not reach the
 disk before a crash, is still pending after the restart and is sent again. A message is thus
 delivered at worst twice, never lost. Notices owed to the sender are recorded with the result
 that causes them and forgotten only once handed over, so they too are at worst sent twice.
 
-Leftovers of a crash are cleaned by L{Spool.load}: temporary files, a C{.msg} without a C{.env}
-(a submission that never committed, or a removal half done). A C{.env} that cannot be read, or
-whose C{.msg} is missing, is moved to C{corrupt/} and reported; it never stops the start.
+Leftovers of a crash are cleaned by L{Spool.load}: temporary files, a C{.msg} with neither a
+complete trailer nor a C{.env} (a submission that never committed), a C{.env} without its
+C{.msg} (a removal half done). An envelope that cannot be read is moved with its message to
+C{corrupt/} and reported; it never stops the start.
 """
 
 from __future__ import annotations
@@ -34,6 +46,7 @@ import json
 import os
 import re
 import secrets
+import struct
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +73,12 @@ _STATES: tuple[str, ...] = ("pending", "sent", "failed")
 _NOTICES: tuple[str, ...] = ("failure", "relayed")
 _NOTIFY: tuple[str, ...] = ("SUCCESS", "FAILURE", "DELAY", "NEVER")
 _ACTIONS: tuple[str, ...] = ("retry", "delete")
+
+TRAILER = struct.Struct("<8sQI4s")
+"""The end of a C{.msg} as first written: magic, the message's length, the envelope's length,
+and an end mark. Fixed size, so that it is found by reading the last octets of the file."""
+_MAGIC = b"MSQUEUE1"
+_END = b"END\n"
 
 
 class CorruptEntry(ValueError):
@@ -345,12 +364,13 @@ class Spool:
         return self.root / f"{queue_id}.env"
 
     def exists(self, queue_id: str) -> bool:
-        return valid_queue_id(queue_id) and self.envelope_path(queue_id).exists()
+        return valid_queue_id(queue_id) and self.message_path(queue_id).exists()
 
     def store(self, entry: QueueEntry, prefix: bytes, body: MessageBody) -> int:
         """
-        Write a new entry: C{.msg} (C{prefix} then C{body}), then C{.env}, then sync the
-        directory. Returns once the entry is durable; sets and returns C{entry.size}.
+        Write a new entry: its C{.msg} with the message, the envelope and the L{TRAILER}, fsynced,
+        then sync the directory. Returns once the entry is durable; sets and returns
+        C{entry.size} (the message's length).
 
         @raise FileExistsError: an entry with this id exists.
         @raise ValueError: the id cannot name a file.
@@ -358,19 +378,26 @@ class Spool:
         queue_id = entry.queue_id
         if not valid_queue_id(queue_id):
             raise ValueError(f"bad queue id {queue_id!r}")
-        msg, env = self.message_path(queue_id), self.envelope_path(queue_id)
-        if msg.exists() or env.exists():
+        if self.envelope_path(queue_id).exists():
             raise FileExistsError(f"queue entry {queue_id} exists")
+        entry.size = len(prefix) + body.size
+        envelope = encode_entry(entry)
 
         def write(f: BinaryIO) -> None:
             f.write(prefix)
             body.write_to(f)
+            f.write(envelope)
+            f.write(TRAILER.pack(_MAGIC, entry.size, len(envelope), _END))
 
-        entry.size = self._replace(msg, write)
+        path = self.message_path(queue_id)
+        written = write_new_file(path, write)  # O_EXCL: an existing .msg raises
+        if written != entry.size + len(envelope) + TRAILER.size:
+            _unlink_quietly(path)
+            raise OSError(f"queue entry {queue_id}: the message changed while being written")
         try:
-            self._replace(env, lambda f: f.write(encode_entry(entry)))
+            self._adopt(path)
         except BaseException:
-            _unlink_quietly(msg)
+            _unlink_quietly(path)
             raise
         self._dir_sync.changed(self.root)
         return entry.size
@@ -386,33 +413,41 @@ class Spool:
 
     def remove(self, queue_id: str) -> bool:
         """
-        Remove an entry: C{.env} first, then C{.msg}, then sync the directory.
+        Remove an entry: C{.msg} first (the entry is gone), then C{.env}, then sync the directory.
 
         @return: whether there was an entry.
         """
-        existed = _unlink_quietly(self.envelope_path(queue_id))
-        _unlink_quietly(self.message_path(queue_id))
+        existed = _unlink_quietly(self.message_path(queue_id))
+        _unlink_quietly(self.envelope_path(queue_id))
         self._dir_sync.changed(self.root)
         return existed
 
     def read(self, queue_id: str) -> QueueEntry:
         """
-        One entry's envelope, as on disk.
+        One entry's envelope, as on disk: its C{.env}, or else the one its C{.msg} ends with.
 
-        @raise UnknownEntry: no such entry.
+        @raise UnknownEntry: no such entry (or one still being written).
         @raise CorruptEntry: its envelope cannot be read.
         """
         if not valid_queue_id(queue_id):
             raise UnknownEntry(queue_id)
+        if not self.message_path(queue_id).exists():
+            raise UnknownEntry(queue_id)
+        data: bytes | None
         try:
             data = self.envelope_path(queue_id).read_bytes()
         except FileNotFoundError:
+            try:
+                data = read_trailing_envelope(self.message_path(queue_id))
+            except FileNotFoundError:
+                data = None
+        if data is None:
             raise UnknownEntry(queue_id)
         return decode_entry(data, queue_id)
 
-    def header_block(self, queue_id: str) -> bytes:
+    def header_block(self, entry: QueueEntry) -> bytes:
         """The header section of an entry's message (up to the empty line, at most 256 KiB)."""
-        return read_header_block(self.message_path(queue_id))
+        return read_header_block(self.message_path(entry.queue_id), entry.size)
 
     def scan(self) -> tuple[list[QueueEntry], list[tuple[str, str]]]:
         """
@@ -427,7 +462,7 @@ class Spool:
         except FileNotFoundError:
             return [], []
         for name in sorted(names):
-            queue_id = name.removesuffix(".env")
+            queue_id = name.removesuffix(".msg")
             if name.startswith(".") or queue_id == name or not valid_queue_id(queue_id):
                 continue
             try:
@@ -457,12 +492,15 @@ class Spool:
             stem, dot, ext = name.rpartition(".")
             if not dot or not valid_queue_id(stem) or name.startswith("."):
                 continue
-            if ext == "msg" and f"{stem}.env" not in names:
+            if ext == "env" and f"{stem}.msg" not in names:
                 changed |= _unlink_quietly(path)
                 loaded.cleaned.append(name)
-            elif ext == "env":
-                problem = self._load_one(stem, f"{stem}.msg" in names, loaded)
-                if problem is not None:
+            elif ext == "msg":
+                problem = self._load_one(stem, f"{stem}.env" in names, loaded)
+                if problem == _UNCOMMITTED:
+                    changed |= _unlink_quietly(path)
+                    loaded.cleaned.append(name)
+                elif problem is not None:
                     self._move_aside(stem)
                     loaded.corrupt.append((stem, problem))
                     changed = True
@@ -471,12 +509,19 @@ class Spool:
         loaded.entries.sort(key=lambda e: (e.received, e.queue_id))
         return loaded
 
-    def _load_one(self, queue_id: str, has_message: bool, loaded: Loaded) -> str | None:
-        """Read one envelope into C{loaded}; return what is wrong with it, if anything."""
-        if not has_message:
-            return "message file missing"
+    def _load_one(self, queue_id: str, has_envelope: bool, loaded: Loaded) -> str | None:
+        """Read one entry into C{loaded}; return what is wrong with it, if anything."""
+        path = self.message_path(queue_id)
         try:
-            entry = self.read(queue_id)
+            if has_envelope:
+                entry = decode_entry(self.envelope_path(queue_id).read_bytes(), queue_id)
+            else:
+                data = read_trailing_envelope(path)
+                if data is None:
+                    return _UNCOMMITTED
+                entry = decode_entry(data, queue_id)
+            if os.stat(path).st_size < entry.size:
+                return "message file shorter than its envelope says"
         except (CorruptEntry, OSError) as e:
             return str(e)
         loaded.entries.append(entry)
@@ -566,9 +611,30 @@ def parse_request(name: str) -> tuple[str, str] | None:
     return action, target
 
 
-def read_header_block(path: Path) -> bytes:
-    """The header section of the message file C{path} (see L{dsn.read_original})."""
-    return read_original(path, full=False)[0]
+def read_header_block(path: Path, size: int) -> bytes:
+    """The header section of the message file C{path} of C{size} octets (L{dsn.read_original})."""
+    return read_original(path, size, full=False)[0]
+
+
+_UNCOMMITTED = "uncommitted"
+
+
+def read_trailing_envelope(path: Path) -> bytes | None:
+    """
+    The envelope a C{.msg} ends with (see L{TRAILER}), or None when the file does not end with
+    a complete, consistent trailer: a write that never finished.
+    """
+    with open(path, "rb") as f:
+        length = os.fstat(f.fileno()).st_size
+        if length < TRAILER.size:
+            return None
+        f.seek(length - TRAILER.size)
+        magic, size, envelope_length, end = TRAILER.unpack(f.read(TRAILER.size))
+        if magic != _MAGIC or end != _END or size + envelope_length + TRAILER.size != length:
+            return None
+        f.seek(size)
+        data = f.read(envelope_length)
+        return data if len(data) == envelope_length else None
 
 
 def mark_due(entries: Iterable[QueueEntry], now: float) -> None:

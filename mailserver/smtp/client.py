@@ -223,9 +223,10 @@ def _has_8bit(data: bytes) -> bool:
 class _BodyStreamer:
     """Streams a large message file as DATA content, chunk by chunk, with backpressure."""
 
-    def __init__(self, client: SMTPClient, file: IO[bytes]) -> None:
+    def __init__(self, client: SMTPClient, file: IO[bytes], size: int) -> None:
         self._client = client
         self._file = file
+        self._left = size  # the file may hold more after the message (the queue's envelope)
         self._framer = BodyFramer()
         self._paused = False
         self._finished = False
@@ -246,9 +247,13 @@ class _BodyStreamer:
         transport: Any = self._client.transport
         while not self._paused and not self._finished and transport is not None:
             try:
-                chunk = self._file.read(CHUNK)
+                chunk = self._file.read(min(CHUNK, self._left))
             except OSError as e:
                 self._client.abort(f"cannot read the message file ({e.strerror or e})")
+                return
+            self._left -= len(chunk)
+            if not chunk and self._left > 0:
+                self._client.abort("the message file is shorter than the message")
                 return
             if not chunk:
                 self._finished = True
@@ -276,12 +281,15 @@ class _Body:
     def __init__(self, message: Outgoing) -> None:
         self.file: IO[bytes] | None = None
         self.data: bytes | None = message.data
+        self.size = message.size
         if self.data is not None:
             return
         self.file = open(message.path, "rb")  # noqa: SIM115
         if message.size <= SMALL_BODY:
             try:
-                self.data = self.file.read()
+                self.data = self.file.read(message.size)
+                if len(self.data) != message.size:
+                    raise OSError("the message file is shorter than the message")
             finally:
                 self.close()
 
@@ -753,7 +761,7 @@ class SMTPClient(Protocol):
             write_now(transport, framer.feed(body.data) + framer.end())
         else:
             assert body.file is not None
-            self._streamer = _BodyStreamer(self, body.file)
+            self._streamer = _BodyStreamer(self, body.file, body.size)
             body.file = None  # the streamer closes it
             streamer = self._streamer
             streamer.start()

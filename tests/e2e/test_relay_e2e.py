@@ -125,7 +125,7 @@ command_timeout = "10s"
 
     def queue_files(self) -> list[str]:
         q = self.server.data_dir / "queue"
-        return sorted(p.name for p in q.iterdir() if p.suffix in (".env", ".msg"))
+        return sorted(p.name for p in q.iterdir() if p.suffix == ".msg")
 
     def notices(self) -> list[EmailMessage]:
         out = []
@@ -272,20 +272,20 @@ command_timeout = "10s"
                 ("ivy@offline.test", message("to delete", "ivy@offline.test")),
             ],
         )
-        await until(lambda: len(self.queue_files()) == 4)
+        await until(lambda: len(self.queue_files()) == 2)
         listing = await in_thread(mailserver_cli, config, "queue", "list")
         self.assertEqual(listing.returncode, 0, listing.stderr)
         self.assertIn("hank@offline.test", listing.stdout)
         self.assertIn("ivy@offline.test", listing.stdout)
-        ids = sorted(Path(n).stem for n in self.queue_files() if n.endswith(".env"))
+        ids = sorted(Path(n).stem for n in self.queue_files())
         ivy = next(
             i
             for i in ids
-            if b"ivy@offline.test" in (self.server.data_dir / "queue" / f"{i}.env").read_bytes()
+            if b"ivy@offline.test" in (self.server.data_dir / "queue" / f"{i}.msg").read_bytes()
         )
         deleted = await in_thread(mailserver_cli, config, "queue", "delete", ivy)
         self.assertEqual(deleted.returncode, 0, deleted.stderr)
-        self.assertEqual(len(self.queue_files()), 2)
+        self.assertEqual(len(self.queue_files()), 1)
         self.assertNotIn(
             "ivy@offline.test", (await in_thread(mailserver_cli, config, "queue", "list")).stdout
         )
@@ -346,6 +346,7 @@ class QueueCrashTests(TestCase):
             self.assertTrue(m.data.endswith(dict(items)[rcpt]), rcpt)
         await in_thread(server.stop)
         queue = server.data_dir / "queue"
+        self.assertEqual(sorted(p.name for p in queue.glob("*.msg")), [])
         self.assertEqual(sorted(p.name for p in queue.glob("*.env")), [])
 
 
