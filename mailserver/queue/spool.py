@@ -16,7 +16,8 @@ Writing a new entry is one file: the C{.msg} is created under its final name, fi
 message, the envelope and a fixed-size trailer that gives both lengths, fsynced, and then the
 directory is fsynced (shared between concurrent writers, L{DirectorySync}). The trailer is the
 commit point: a C{.msg} without a C{.env} whose trailer is not complete and consistent is a
-write that never finished (never acknowledged), and L{Spool.load} removes it. One file and one
+write that never finished (never acknowledged), and L{Spool.load} removes it; one whose trailer
+is there but whose CRC does not match goes to C{corrupt/}. One file and one
 fsync (on ext4 that fsync also commits the new directory entry, so the directory fsync that
 follows finds nothing left to do) instead of two files, two renames and two journal commits:
 the submission's reply waits for one commit, not two (docs/design.md, "Relay speed").
@@ -47,6 +48,7 @@ import os
 import re
 import secrets
 import struct
+import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,9 +76,12 @@ _NOTICES: tuple[str, ...] = ("failure", "relayed")
 _NOTIFY: tuple[str, ...] = ("SUCCESS", "FAILURE", "DELAY", "NEVER")
 _ACTIONS: tuple[str, ...] = ("retry", "delete")
 
-TRAILER = struct.Struct("<8sQI4s")
+TRAILER = struct.Struct("<8sQII4s")
 """The end of a C{.msg} as first written: magic, the message's length, the envelope's length,
-and an end mark. Fixed size, so that it is found by reading the last octets of the file."""
+the CRC-32 of both, and an end mark. Fixed size, so that it is found by reading the last octets
+of the file. The CRC is checked at load: before its fsync has returned, the kernel may write a
+file's pages back in any order, so after a power cut a file never acknowledged could end with
+its trailer and still miss pages before it."""
 _MAGIC = b"MSQUEUE1"
 _END = b"END\n"
 
@@ -384,10 +389,11 @@ class Spool:
         envelope = encode_entry(entry)
 
         def write(f: BinaryIO) -> None:
-            f.write(prefix)
-            body.write_to(f)
-            f.write(envelope)
-            f.write(TRAILER.pack(_MAGIC, entry.size, len(envelope), _END))
+            summing = _Summing(f)
+            summing.write(prefix)
+            body.write_to(cast(BinaryIO, summing))
+            summing.write(envelope)
+            f.write(TRAILER.pack(_MAGIC, entry.size, len(envelope), summing.crc, _END))
 
         path = self.message_path(queue_id)
         written = write_new_file(path, write)  # O_EXCL: an existing .msg raises
@@ -516,7 +522,7 @@ class Spool:
             if has_envelope:
                 entry = decode_entry(self.envelope_path(queue_id).read_bytes(), queue_id)
             else:
-                data = read_trailing_envelope(path)
+                data = read_trailing_envelope(path, verify=True)
                 if data is None:
                     return _UNCOMMITTED
                 entry = decode_entry(data, queue_id)
@@ -619,22 +625,58 @@ def read_header_block(path: Path, size: int) -> bytes:
 _UNCOMMITTED = "uncommitted"
 
 
-def read_trailing_envelope(path: Path) -> bytes | None:
+def read_trailing_envelope(path: Path, verify: bool = False) -> bytes | None:
     """
     The envelope a C{.msg} ends with (see L{TRAILER}), or None when the file does not end with
     a complete, consistent trailer: a write that never finished.
+
+    @param verify: also check the CRC of the message and envelope (reads the whole file).
+    @raise CorruptEntry: C{verify} and the CRC does not match.
     """
     with open(path, "rb") as f:
         length = os.fstat(f.fileno()).st_size
         if length < TRAILER.size:
             return None
         f.seek(length - TRAILER.size)
-        magic, size, envelope_length, end = TRAILER.unpack(f.read(TRAILER.size))
+        magic, size, envelope_length, crc, end = TRAILER.unpack(f.read(TRAILER.size))
         if magic != _MAGIC or end != _END or size + envelope_length + TRAILER.size != length:
             return None
-        f.seek(size)
-        data = f.read(envelope_length)
-        return data if len(data) == envelope_length else None
+        if verify:
+            f.seek(0)
+            left, got = size, 0
+            while left > 0:
+                chunk = f.read(min(left, 1024 * 1024))
+                if not chunk:
+                    return None
+                got = zlib.crc32(chunk, got)
+                left -= len(chunk)
+        data = f.read(envelope_length) if verify else _pread(f, envelope_length, size)
+        if len(data) != envelope_length:
+            return None
+        if verify and zlib.crc32(data, got) != crc:
+            raise CorruptEntry("message file does not match its checksum")
+        return data
+
+
+def _pread(f: BinaryIO, n: int, offset: int) -> bytes:
+    f.seek(offset)
+    return f.read(n)
+
+
+class _Summing:
+    """A file being written, and the CRC-32 of what went through it."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self._f = f
+        self.crc = 0
+
+    def write(self, data: bytes) -> int:
+        self.crc = zlib.crc32(data, self.crc)
+        return self._f.write(data)
+
+    def writelines(self, lines: Iterable[bytes]) -> None:
+        for data in lines:
+            self.write(data)
 
 
 def mark_due(entries: Iterable[QueueEntry], now: float) -> None:
