@@ -641,26 +641,23 @@ def read_trailing_envelope(path: Path, verify: bool = False) -> bytes | None:
         magic, size, envelope_length, crc, end = TRAILER.unpack(f.read(TRAILER.size))
         if magic != _MAGIC or end != _END or size + envelope_length + TRAILER.size != length:
             return None
+        got = 0
         if verify:
             f.seek(0)
-            left, got = size, 0
+            left = size
             while left > 0:
                 chunk = f.read(min(left, 1024 * 1024))
                 if not chunk:
                     return None
                 got = zlib.crc32(chunk, got)
                 left -= len(chunk)
-        data = f.read(envelope_length) if verify else _pread(f, envelope_length, size)
+        f.seek(size)
+        data = f.read(envelope_length)
         if len(data) != envelope_length:
             return None
         if verify and zlib.crc32(data, got) != crc:
             raise CorruptEntry("message file does not match its checksum")
         return data
-
-
-def _pread(f: BinaryIO, n: int, offset: int) -> bytes:
-    f.seek(offset)
-    return f.read(n)
 
 
 class _Summing:
