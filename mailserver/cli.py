@@ -349,22 +349,27 @@ def _config_check(args: argparse.Namespace, console: Console) -> int:
     if path is not None and args.config is not None and path != args.config:
         console.complain("mailserver: config check: give PATH or --config, not both")
         return EX_USAGE
-    try:
-        config = _load_config(path if path is not None else args.config)
-    except ConfigError as e:
-        for error in e.errors:
-            console.complain(error)
+    config = _config_or_complain(path if path is not None else args.config, console)
+    if config is None:
         return EX_CONFIG
     console.stdout.write(configmodule.render(config))
     return 0
 
 
-def _run_directory_command(command: Command, args: argparse.Namespace, console: Console) -> int:
+def _config_or_complain(path: str | None, console: Console) -> Config | None:
+    """The configuration at C{path} (None: the embedded default), or None once its errors are
+    on stderr."""
     try:
-        config = _load_config(args.config)
+        return _load_config(path)
     except ConfigError as e:
         for error in e.errors:
             console.complain(error)
+        return None
+
+
+def _run_directory_command(command: Command, args: argparse.Namespace, console: Console) -> int:
+    config = _config_or_complain(args.config, console)
+    if config is None:
         return EX_CONFIG
     try:
         directory = open_directory(config.server.data_dir, config.server.domain)
@@ -409,11 +414,8 @@ QueueCommand = Callable[[Spool, argparse.Namespace, Console], None]
 
 
 def _run_queue_command(command: QueueCommand, args: argparse.Namespace, console: Console) -> int:
-    try:
-        config = _load_config(args.config)
-    except ConfigError as e:
-        for error in e.errors:
-            console.complain(error)
+    config = _config_or_complain(args.config, console)
+    if config is None:
         return EX_CONFIG
     try:
         command(Spool(config.server.data_dir / "queue"), args, console)
