@@ -14,6 +14,7 @@ C{=text} forces one.
 from __future__ import annotations
 
 import atexit
+import json
 import os
 import sys
 import threading
@@ -22,13 +23,16 @@ from typing import IO, Any, TextIO, cast
 from twisted.logger import (
     FilteringLogObserver,
     ILogObserver,
+    LogEvent,
     Logger,
     LogLevel,
     LogLevelFilterPredicate,
+    eventAsJSON,
     jsonFileLogObserver,
     textFileLogObserver,
 )
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 _log = Logger(namespace="mailserver")
 
@@ -320,13 +324,56 @@ def observer() -> ILogObserver:
     if fmt == "json" or (fmt == "auto" and not out.isatty()):
         writer = BatchedWriter(out)
         _writers.append(writer)
-        inner = jsonFileLogObserver(cast("IO[Any]", writer))
+        inner: ILogObserver = JSONLines(cast("IO[Any]", writer))
     else:
         inner = textFileLogObserver(out)
     return FilteringLogObserver(inner, [LogLevelFilterPredicate(LogLevel.info)])
 
 
 _writers: list[BatchedWriter] = []
+
+
+@implementer(ILogObserver)
+class JSONLines:
+    """
+    Twisted's JSON log lines (C{jsonFileLogObserver}: a record separator, the event as JSON, a
+    newline), written faster for the events of this module.
+
+    Twisted's C{eventAsJSON} formats every field through the event's format string (its
+    C{log_flattened}, for values JSON cannot carry) and serialises the level and the logger
+    with hooks: four events a relayed message, a tenth of the reactor thread's time. The
+    events of this module carry only strings, numbers and lists of strings, which JSON keeps as
+    they are, so their line is the same minus C{log_flattened} (which they do not need to be
+    read back and formatted). Other events (Twisted's own,
+    failures) go the usual way.
+    """
+
+    def __init__(self, out: IO[Any] | TextIO) -> None:
+        self._out = out
+        self._slow = jsonFileLogObserver(cast("IO[Any]", out))
+
+    def __call__(self, event: LogEvent) -> None:
+        if "event" not in event or "log_failure" in event:
+            self._slow(event)
+            return
+        fields = dict(event)  # the event's order, as Twisted's lines have it
+        fields["log_logger"] = _UNPERSISTABLE
+        fields["log_level"] = _LEVELS.get(event.get("log_level"))
+        if fields.get("log_source") is not None:
+            fields["log_source"] = _UNPERSISTABLE
+        try:
+            line = json.dumps(fields)
+        except (TypeError, ValueError):
+            self._slow(event)
+            return
+        self._out.write("\x1e" + line + "\n")
+
+
+_UNPERSISTABLE = {"unpersistable": True}
+_LEVELS = {
+    level: json.loads(eventAsJSON({"log_level": level}))["log_level"]
+    for level in LogLevel.iterconstants()
+}
 
 
 def drain() -> None:

@@ -6,7 +6,15 @@ import io
 import json
 import time
 
-from twisted.logger import LogLevel, capturedLogs
+from twisted.logger import (
+    Logger,
+    LogLevel,
+    capturedLogs,
+    eventFromJSON,
+    formatEvent,
+    jsonFileLogObserver,
+)
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from mailserver import log
@@ -42,6 +50,44 @@ class EventTests(SynchronousTestCase):
         record = json.loads(lines[0].lstrip("\x1e"))
         self.assertEqual(record["event"], "message.delivered")
         self.assertEqual(record["account"], "alice@example.org")
+
+    def test_json_lines_are_twisteds_lines(self) -> None:
+        """
+        Our events' JSON lines carry what Twisted's jsonFileLogObserver writes (less the
+        flattened copy of the fields), in the same order, and read back into the same text.
+        """
+        with capturedLogs() as events:
+            log.delivery_attempt("q1", "x@y.example", "mx[192.0.2.7]", "deferred", 451, "busy", 9.5)
+            log.message_accepted("s1", "192.0.2.1", "m1", "a@b.example", ["x@y", "z@y"], 42)
+        for event in events:
+            ours, theirs = io.StringIO(), io.StringIO()
+            log.JSONLines(ours)(event)
+            jsonFileLogObserver(theirs)(event)
+            self.assertTrue(ours.getvalue().startswith("\x1e"))
+            self.assertTrue(ours.getvalue().endswith("\n"))
+            expected = json.loads(theirs.getvalue().lstrip("\x1e"))
+            del expected["log_flattened"]
+            got = json.loads(ours.getvalue().lstrip("\x1e"))
+            got.pop("log_flattened", None)  # there when another observer flattened the event
+            self.assertEqual(list(got.items()), list(expected.items()))
+            self.assertEqual(
+                formatEvent(eventFromJSON(ours.getvalue().lstrip("\x1e"))), formatEvent(event)
+            )
+
+    def test_json_lines_of_other_events_go_the_usual_way(self) -> None:
+        """An event with a failure, or a value JSON cannot carry, is written by Twisted's code."""
+        out = io.StringIO()
+        observer = log.JSONLines(out)
+        with capturedLogs() as events:
+            log.queue_error(Failure(ZeroDivisionError("no")), "q1", "testing")
+            Logger().info("odd {x}", event="odd", x=object())
+        for event in events:
+            observer(event)
+        lines = [json.loads(line.lstrip("\x1e")) for line in out.getvalue().split("\n") if line]
+        self.assertEqual([line["event"] for line in lines], ["queue.error", "odd"])
+        self.assertIn("log_failure", lines[0])
+        self.assertIn("log_flattened", lines[1])
+        self.flushLoggedErrors(ZeroDivisionError)
 
     def test_observer_text_when_forced(self) -> None:
         """MAILSERVER_LOG_FORMAT=text gives readable lines with the peer first."""
