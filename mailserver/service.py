@@ -27,6 +27,7 @@ from mailserver.delivery import LocalDeliveryAgent, NoticeRouter, SubmissionAgen
 from mailserver.directory import SQLiteDirectory, open_directory
 from mailserver.dns import Resolver
 from mailserver.imap.server import IMAPFactory, IMAPSettings
+from mailserver.iopool import IOPool
 from mailserver.limits import AuthThrottle, ConnectionLimiter
 from mailserver.pop3.server import MailboxLocks, OpenMailbox, POP3Factory, POP3Settings
 from mailserver.queue.delivery import Outbound
@@ -182,7 +183,7 @@ def build(config: Config, reactor: Any) -> MailService:
     if any(listener.tls != "none" for listener in config.listeners):
         tls = server_tls_from_config(config.tls, server)
 
-    pool = ThreadPool(minthreads=1, maxthreads=server.io_threads, name="mailserver-io")
+    pool = IOPool(server.io_threads, "mailserver-io")
     limits = config.limits
     store = MaildirStore(data_dir / "mail", reactor, pool)
     mailboxes = MailboxStore(data_dir / "mail", reactor, pool)
