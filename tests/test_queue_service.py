@@ -247,6 +247,42 @@ class AttemptTests(ServiceTestCase):
         self.assertEqual(self.notices, [])
         self.assertIsNone(service.entry("q1"))
 
+    def test_removals_meanwhile_share_one_job_and_directory_sync(self) -> None:
+        """
+        Entries done while a removal is in the pool are removed together after it: one job
+        and one directory sync for the batch; every one is gone and logged as delivered.
+        """
+        self.outbound.policy = None
+        service = self.start()
+        for qid in ("q1", "q2", "q3"):
+            self.successResultOf(self.submit(service, submission(queue_id=qid)))
+        batches: list[list[str]] = []
+        syncs: list[Path] = []
+        real_remove, real_changed = service.spool.remove_many, service.spool._dir_sync.changed
+
+        def remove(queue_ids: list[str]) -> list[bool]:
+            batches.append(list(queue_ids))
+            return real_remove(queue_ids)
+
+        def changed(path: Path) -> None:
+            syncs.append(path)
+            real_changed(path)
+
+        self.patch(service.spool, "remove_many", remove)
+        self.patch(service.spool._dir_sync, "changed", changed)
+        self.pool.hold = True
+        with capturedLogs() as events:
+            while self.outbound.held:
+                self.outbound.finish(sent)
+            self.assertEqual(batches, [])
+            self.pool.run()
+        self.assertEqual([len(b) for b in batches], [1, 2])
+        self.assertEqual(sorted(sum(batches, [])), ["q1", "q2", "q3"])
+        self.assertEqual(syncs, [self.root, self.root])
+        removed = [e["queue_id"] for e in events if e["event"] == "queue.removed"]
+        self.assertEqual(sorted(removed), ["q1", "q2", "q3"])
+        self.assertEqual(self.files(), ["control", "corrupt"])
+
     def test_deferred_recorded(self) -> None:
         """A deferral is recorded: attempts, next try, last reply."""
         self.outbound.policy = deferred
@@ -309,18 +345,18 @@ class AttemptTests(ServiceTestCase):
     def _writes_of_one_attempt(self) -> list[str]:
         writes: list[str] = []
         service = self.start()
-        real_save, real_remove = service.spool.save_encoded, service.spool.remove
+        real_save, real_remove = service.spool.save_encoded, service.spool.remove_many
 
         def save(queue_id: str, data: bytes) -> None:
             writes.append(f"save {json.loads(data)['recipients'][0]['state']}")
             real_save(queue_id, data)
 
-        def remove(queue_id: str) -> bool:
-            writes.append("remove")
-            return real_remove(queue_id)
+        def remove(queue_ids: list[str]) -> list[bool]:
+            writes.extend("remove" for _ in queue_ids)
+            return real_remove(queue_ids)
 
         self.patch(service.spool, "save_encoded", save)
-        self.patch(service.spool, "remove", remove)
+        self.patch(service.spool, "remove_many", remove)
         self.successResultOf(self.submit(service))
         service.stopService()
         self.services.remove(service)

@@ -124,6 +124,8 @@ class QueueService(Service):
         self._control_mtime: int | None = None
         self._handling: set[str] = set()
         self._notices = itertools.count(1)
+        self._removals: list[tuple[str, Deferred[None]]] = []  # the next batch to remove
+        self._removing = False  # a batch is being removed
 
     # -- the service --
 
@@ -464,7 +466,7 @@ class QueueService(Service):
             if entry.removed:
                 return succeed(False)
             entry.removed = True
-            return self._in_pool(self.spool.remove, entry.queue_id).addCallback(lambda _: True)
+            return self._unlink(entry.queue_id).addCallback(lambda _: True)
 
         try:
             removed = await self._locked(entry, remove)
@@ -480,6 +482,35 @@ class QueueService(Service):
             self.scheduler.remove(entry.queue_id)
             log.queue_removed(entry.queue_id, reason)
         return removed
+
+    def _unlink(self, queue_id: str) -> Deferred[None]:
+        """
+        Remove C{queue_id}'s files with the others asked for meanwhile: while one batch is in
+        the pool, the next collects, and each batch is one job and one directory sync (a
+        group commit, as for new entries), not one of each per message.
+        """
+        d: Deferred[None] = Deferred()
+        self._removals.append((queue_id, d))
+        if not self._removing:
+            self._remove_batch()
+        return d
+
+    def _remove_batch(self) -> None:
+        batch, self._removals = self._removals, []
+        self._removing = True
+
+        def done(result: object) -> None:
+            for _, d in batch:
+                if isinstance(result, Failure):
+                    d.errback(result)
+                else:
+                    d.callback(None)
+            if self._removals:
+                self._remove_batch()
+            else:
+                self._removing = False
+
+        self._in_pool(self.spool.remove_many, [qid for qid, _ in batch]).addBoth(done)
 
     async def _locked(self, entry: QueueEntry, work: Callable[[], Deferred[T]]) -> T:
         """Run C{work} (which returns a Deferred) under C{entry}'s lock: one at a time."""

@@ -49,7 +49,7 @@ import re
 import secrets
 import struct
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Literal, cast
@@ -423,8 +423,14 @@ class Spool:
 
         @return: whether there was an entry.
         """
-        existed = _unlink_quietly(self.message_path(queue_id))
-        _unlink_quietly(self.envelope_path(queue_id))
+        return self.remove_many([queue_id])[0]
+
+    def remove_many(self, queue_ids: Sequence[str]) -> list[bool]:
+        """L{remove} several entries with one directory sync; whether each was there."""
+        existed = []
+        for queue_id in queue_ids:
+            existed.append(_unlink_quietly(self.message_path(queue_id)))
+            _unlink_quietly(self.envelope_path(queue_id))
         self._dir_sync.changed(self.root)
         return existed
 
