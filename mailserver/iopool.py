@@ -17,9 +17,12 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from typing_extensions import override
+
+_log = Logger(namespace="mailserver.iopool")
 
 _Job = tuple[
     Callable[[bool, Any], object] | None, Callable[..., Any], tuple[Any, ...], dict[str, Any]
@@ -89,5 +92,9 @@ class IOPool(ThreadPool):
                 ok = False
             del func, args, kw
             if on_result is not None:
-                on_result(ok, result)
+                try:
+                    on_result(ok, result)
+                except BaseException:
+                    # A thread that died here would leave the pool one short, silently.
+                    _log.failure("result callback of a disk job failed")
             del on_result, result

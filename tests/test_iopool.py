@@ -74,3 +74,18 @@ class LifecycleTests(SynchronousTestCase):
         ok, failure = seen[1]
         self.assertFalse(ok)
         self.assertTrue(failure.check(ZeroDivisionError))  # type: ignore[attr-defined]
+
+    def test_failing_result_callback_leaves_the_thread_working(self) -> None:
+        """A result callback that raises is logged; the pool's one thread runs the next job."""
+        pool = IOPool(1, "test-io")
+        seen: list[object] = []
+
+        def bad(ok: bool, result: object) -> None:
+            raise RuntimeError("callback broke")
+
+        pool.callInThreadWithCallback(bad, lambda: 1)
+        pool.callInThreadWithCallback(lambda ok, r: seen.append(r), lambda: 2)
+        pool.start()
+        pool.stop()
+        self.assertEqual(seen, [2])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
