@@ -344,8 +344,7 @@ class JSONLines:
     with hooks: four events a relayed message, a tenth of the reactor thread's time. The
     events of this module carry only strings, numbers and lists of strings, which JSON keeps as
     they are, so their line is the same minus C{log_flattened} (which they do not need to be
-    read back and formatted). Other events (Twisted's own,
-    failures) go the usual way.
+    read back and formatted). Other events (Twisted's own, failures) go the usual way.
     """
 
     def __init__(self, out: IO[Any] | TextIO) -> None:
